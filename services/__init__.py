@@ -1,0 +1,1 @@
+"""Service implementations that `mdp-worker` hosts (os, shell, echo)."""
