@@ -1,0 +1,133 @@
+"""Shared helpers for the test suite: finding our console scripts, free loopback endpoints,
+subprocesses we start (and stop by PID), and polling with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Short intervals for tests: never the production defaults.
+TEST_HEARTBEAT_MS = 100
+TEST_LIVENESS = 3
+
+
+def script(name: str) -> str:
+    """Path of one of our console scripts (mdp-broker, ...), preferring this interpreter's venv."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"console script {name} is not installed; pip install -e .")
+    return found
+
+
+def free_tcp_endpoint() -> str:
+    """A tcp://127.0.0.1:PORT endpoint whose port was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.01, what: str = ""
+) -> T:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class Process:
+    """A subprocess we started, in its own process group, stopped only by its own PID/PGID."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, **kw: object):
+        self.argv = list(argv)
+        full_env = {**os.environ, **(env or {})}
+        self.popen = subprocess.Popen(
+            self.argv,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 5.0) -> tuple[int, bytes, bytes]:
+        """SIGTERM, then SIGKILL to its whole group after `timeout`; returns (rc, out, err)."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, err = self.popen.communicate(timeout=timeout)
+        return self.popen.returncode, out, err
+
+    def kill(self) -> None:
+        """SIGKILL the process group this process leads (it was started in its own session)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def start_broker(endpoint: str, *extra: str, **kw: object) -> Process:
+    """Start `mdp-broker` on `endpoint` with test heartbeat settings and wait until it binds."""
+    proc = Process(
+        [
+            script("mdp-broker"),
+            "--bind",
+            endpoint,
+            "--heartbeat-ms",
+            str(TEST_HEARTBEAT_MS),
+            "--liveness",
+            str(TEST_LIVENESS),
+            *extra,
+        ],
+        **kw,
+    )
+    if endpoint.startswith("tcp://"):
+        host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+
+        def bound() -> bool:
+            if not proc.alive():
+                raise AssertionError(f"broker exited: {proc.popen.stderr.read()!r}")  # type: ignore[union-attr]
+            try:
+                with socket.create_connection((host, int(port)), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(bound, timeout=10, what="the broker to bind")
+    return proc
