@@ -153,9 +153,15 @@ class ClientFraming:
     final_head: tuple[bytes, ...]
     service_in_reply: bool
 
-    def reply(self, final: bool, service: bytes, body: list[bytes]) -> list[bytes] | None:
-        """Frames of a PARTIAL or FINAL for this client, or None if it cannot take PARTIALs."""
-        head = self.final_head if final else self.partial_head
+    def final(self, service: bytes, body: list[bytes]) -> list[bytes]:
+        """Frames of a FINAL (RFC 7: REPLY) for this client."""
+        if self.service_in_reply:
+            return [*self.final_head, service, *body]
+        return [*self.final_head, *body]
+
+    def partial(self, service: bytes, body: list[bytes]) -> list[bytes] | None:
+        """Frames of a PARTIAL for this client, or None if its dialect has none (RFC 7)."""
+        head = self.partial_head
         if head is None:
             return None
         if self.service_in_reply:

@@ -1,0 +1,126 @@
+"""`mdp-broker`: the command-line entry point. Parses options, builds the server, runs it."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import zmq
+
+from mdp import __version__, logs
+from mdp.broker.core import BrokerConfig
+from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--bind",
+    "binds",
+    multiple=True,
+    default=["tcp://127.0.0.1:5555"],
+    show_default=True,
+    show_envvar=True,
+    metavar="ENDPOINT",
+    help="ZeroMQ endpoint to listen on (tcp://HOST:PORT, ipc://PATH). Repeat to listen on "
+    "several. The default is loopback only.",
+)
+@click.option(
+    "--heartbeat-ms",
+    type=click.IntRange(min=1),
+    default=2500,
+    show_default=True,
+    show_envvar=True,
+    help="Heartbeat interval agreed with workers, in milliseconds.",
+)
+@click.option(
+    "--liveness",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    show_envvar=True,
+    help="A worker silent for heartbeat x liveness is expired.",
+)
+@click.option(
+    "--request-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    show_envvar=True,
+    help="Seconds a request may wait for a worker before it is dropped.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    show_envvar=True,
+    help="Requests queued per service; beyond it new requests are dropped (and counted).",
+)
+@click.option(
+    "--busy-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    show_envvar=True,
+    help="Seconds of silence after which a worker holding a request is expired. Default: the "
+    "normal heartbeat x liveness rule. Set it for third-party workers that cannot heartbeat "
+    "while they handle a request (the zguide's, majortomo's).",
+)
+@click.option(
+    "--max-msg-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_MSG_SIZE,
+    show_default=True,
+    show_envvar=True,
+    help="Largest message accepted, in bytes; a peer sending more is disconnected by ZeroMQ.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(logs.LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    show_envvar=True,
+    help="INFO logs worker registrations and expiries; DEBUG also dumps every frame.",
+)
+@click.option("--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr.")
+@click.version_option(__version__, "-V", "--version", prog_name="mdp-broker")
+def main(
+    binds: tuple[str, ...],
+    heartbeat_ms: int,
+    liveness: int,
+    request_ttl: float,
+    max_queue: int,
+    busy_timeout: float | None,
+    max_msg_size: int,
+    log_level: str,
+    log_json: bool,
+) -> None:
+    """Route MDP requests from clients to workers by service name.
+
+    One socket serves MDP/0.1 (RFC 7) and MDP/0.2 (RFC 18) clients and workers at once, and
+    answers MMI (RFC 8) service discovery: mmi.service, and mmi.services (a msgpack list of
+    services with worker counts and queue depth).
+
+    Every option can also be set from an environment variable, shown in brackets (for example
+    MDP_BROKER_HEARTBEAT_MS=1000). SIGINT or SIGTERM sends DISCONNECT to every worker and exits.
+
+    \b
+    Example:
+      mdp-broker --bind tcp://127.0.0.1:5555
+    """
+    logs.configure(log_level, log_json)
+    config = BrokerConfig(
+        heartbeat_interval=heartbeat_ms / 1000,
+        liveness=liveness,
+        request_ttl=request_ttl,
+        max_queue=max_queue,
+        busy_timeout=busy_timeout,
+    )
+    server = BrokerServer(binds, config, max_msg_size=max_msg_size)
+    try:
+        server.bind()
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"cannot listen on {', '.join(binds)}: {exc}") from None
+    server.serve(handle_signals=True)
+    sys.exit(0)

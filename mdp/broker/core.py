@@ -1,0 +1,390 @@
+"""The broker's routing rules as a sans-IO state machine.
+
+Theory of operation
+-------------------
+`BrokerCore` owns every rule of `spec/mdp.md` and nothing else: no sockets, no clock reads.
+Whoever owns the ROUTER socket drives it with two calls:
+
+- `handle(identity, frames, now)`: one message a peer sent (the ROUTER identity split off);
+- `tick(now)`: heartbeats, worker expiry and request TTL; returns the next time to call it.
+
+Both append the messages to send to `outbox` as complete ROUTER frame lists (identity first);
+the driver sends them and clears the list. Time is a float in seconds from any monotonic clock.
+
+The state:
+- `workers`: every registered worker by identity, each with its service, framing, liveness
+  deadline, next heartbeat time and the request it holds (at most one, per RFC 7/18).
+- `services`: per service name, a FIFO of waiting requests and an LRU queue of idle workers.
+  A service exists while it has workers or queued requests.
+
+Requests a worker took are not resent when that worker dies: MDP workers may not be idempotent
+(our command services are not), so the client notices the silence and decides (spec/mdp.md,
+"At most once").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Final
+
+import msgpack
+
+from mdp.protocol import (
+    ClientFraming,
+    ClientRequest,
+    Command,
+    ProtocolError,
+    WorkerFraming,
+    WorkerMessage,
+    parse_peer_message,
+)
+
+log = logging.getLogger("mdp.broker")
+
+MMI_PREFIX: Final = b"mmi."
+MMI_SERVICE: Final = b"mmi.service"
+MMI_SERVICES: Final = b"mmi.services"
+MMI_FOUND: Final = b"200"
+MMI_NOT_FOUND: Final = b"404"
+MMI_NOT_IMPLEMENTED: Final = b"501"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Tunables of the broker's rules. Times are in seconds."""
+
+    heartbeat_interval: float = 2.5
+    liveness: int = 3
+    request_ttl: float = 60.0
+    max_queue: int = 10_000
+    busy_timeout: float | None = None
+    """If set, a worker holding a request is expired only after this much silence (for
+    third-party workers that cannot heartbeat while busy). None: the normal liveness rule."""
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0:
+            raise ValueError("heartbeat interval must be positive")
+        if self.liveness < 1:
+            raise ValueError("liveness must be at least 1")
+        if self.request_ttl <= 0:
+            raise ValueError("request TTL must be positive")
+        if self.max_queue < 1:
+            raise ValueError("max queue must be at least 1")
+        if self.busy_timeout is not None and self.busy_timeout <= 0:
+            raise ValueError("busy timeout must be positive")
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    """Counters of what the broker did and dropped; read them, never reset them."""
+
+    requests: int = 0
+    replies: int = 0
+    partials: int = 0
+    partials_dropped_for_v01: int = 0
+    mmi_requests: int = 0
+    invalid_messages: int = 0
+    unexpected_commands: int = 0
+    requests_expired: int = 0
+    requests_dropped_queue_full: int = 0
+    requests_lost_with_worker: int = 0
+    workers_registered: int = 0
+    workers_expired: int = 0
+    workers_disconnected: int = 0
+    unroutable: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """All counters by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(slots=True)
+class Request:
+    """A client request waiting in a service queue or held by a worker."""
+
+    client: bytes
+    framing: ClientFraming
+    body: list[bytes]
+    expires_at: float
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """A registered worker. `gone` marks one that was forgotten while still in an idle queue."""
+
+    identity: bytes
+    service: Service
+    framing: WorkerFraming
+    expires_at: float
+    heartbeat_at: float
+    request: Request | None = None
+    gone: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Service:
+    """One service: its queued requests and its idle workers, least recently used first."""
+
+    name: bytes
+    requests: deque[Request] = field(default_factory=deque)
+    idle: deque[Worker] = field(default_factory=deque)
+    idle_count: int = 0
+    worker_count: int = 0
+
+
+class BrokerCore:
+    """The MDP broker's state and rules; see the module docstring."""
+
+    def __init__(self, config: BrokerConfig | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.stats = BrokerStats()
+        self.workers: dict[bytes, Worker] = {}
+        self.services: dict[bytes, Service] = {}
+        self.outbox: list[list[bytes]] = []
+        self._expiry = self.config.heartbeat_interval * self.config.liveness
+        self._busy_expiry = self.config.busy_timeout
+        # Ticks run four times per interval, so a heartbeat leaves at most 1.25 intervals apart.
+        self._tick_period = self.config.heartbeat_interval / 4
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # ---------------------------------------------------------------------------------------
+    # Input
+
+    def handle(self, identity: bytes, frames: list[bytes], now: float) -> None:
+        """Apply one message from peer `identity`. Never raises for anything a peer sends."""
+        try:
+            message = parse_peer_message(frames)
+        except ProtocolError as exc:
+            # RFC 7/18: invalid messages are dropped. The peer keeps whatever state it had.
+            self.stats.invalid_messages += 1
+            if self._debug:
+                log.debug("dropped invalid message from %s: %s", identity.hex(), exc)
+            return
+        if self._debug:
+            log.debug("from %s: %r", identity.hex(), frames)
+        if type(message) is ClientRequest:
+            self._on_client_request(identity, message, now)
+        else:
+            assert type(message) is WorkerMessage
+            self._on_worker_message(identity, message, now)
+
+    def _on_client_request(self, client: bytes, message: ClientRequest, now: float) -> None:
+        service_name = message.service
+        if service_name.startswith(MMI_PREFIX):
+            self._on_mmi(client, message)
+            return
+        self.stats.requests += 1
+        service = self.services.get(service_name)
+        if service is None:
+            service = self.services[service_name] = Service(service_name)
+        if len(service.requests) >= self.config.max_queue:
+            self.stats.requests_dropped_queue_full += 1
+            return
+        request = Request(client, message.framing, message.body, now + self.config.request_ttl)
+        worker = self._pop_idle(service) if not service.requests else None
+        if worker is not None:
+            self._deliver(worker, request, now)
+        else:
+            service.requests.append(request)
+
+    def _on_worker_message(self, identity: bytes, message: WorkerMessage, now: float) -> None:
+        command = message.command
+        worker = self.workers.get(identity)
+        if worker is None:
+            if command is Command.READY:
+                self._register(identity, message, now)
+            elif command is not Command.DISCONNECT:
+                # RFC 7/18: HEARTBEAT/REPLY before READY is valid but unexpected.
+                self._reject(identity, message.framing)
+            return
+        if message.framing is not worker.framing:
+            # A registered worker that switches dialect mid-conversation is not one we know.
+            self._disconnect(worker, unexpected=True)
+            return
+        worker.expires_at = now + self._expiry  # RFC 7/18: any command counts as a heartbeat
+        if command is Command.FINAL or command is Command.PARTIAL:
+            request = worker.request
+            if request is None or request.client != message.client:
+                self._disconnect(worker, unexpected=True)
+                return
+            body = message.body
+            assert body is not None
+            service = worker.service
+            if command is Command.FINAL:
+                self.stats.replies += 1
+                self.outbox.append([request.client, *request.framing.final(service.name, body)])
+                worker.request = None
+                self._make_idle(worker, now)
+            else:
+                reply = request.framing.partial(service.name, body)
+                if reply is None:
+                    self.stats.partials_dropped_for_v01 += 1
+                else:
+                    self.stats.partials += 1
+                    self.outbox.append([request.client, *reply])
+        elif command is Command.HEARTBEAT:
+            pass
+        elif command is Command.DISCONNECT:
+            # RFC 7/18: after a worker's DISCONNECT the broker sends it nothing more.
+            self._forget(worker)
+            self.stats.workers_disconnected += 1
+            log.info("worker %s (%s) disconnected", identity.hex(), _text(worker.service.name))
+        else:  # a second READY
+            self._disconnect(worker, unexpected=True)
+
+    def _on_mmi(self, client: bytes, message: ClientRequest) -> None:
+        # RFC 8: the broker answers the mmi.* namespace itself.
+        self.stats.mmi_requests += 1
+        name = message.service
+        if name == MMI_SERVICE:
+            service = self.services.get(message.body[0])
+            body = MMI_FOUND if service is not None and service.worker_count else MMI_NOT_FOUND
+        elif name == MMI_SERVICES:
+            body = msgpack.packb(
+                [
+                    {"name": _text(s.name), "workers": s.worker_count, "queued": len(s.requests)}
+                    for s in self.services.values()
+                ],
+                use_bin_type=True,
+            )
+        else:
+            body = MMI_NOT_IMPLEMENTED
+        self.outbox.append([client, *message.framing.final(name, [body])])
+
+    # ---------------------------------------------------------------------------------------
+    # Worker lifecycle
+
+    def _register(self, identity: bytes, message: WorkerMessage, now: float) -> None:
+        name = message.service
+        if name.startswith(MMI_PREFIX):
+            # RFC 8: workers may not register in the mmi.* namespace.
+            self._reject(identity, message.framing)
+            return
+        service = self.services.get(name)
+        if service is None:
+            service = self.services[name] = Service(name)
+        worker = Worker(
+            identity,
+            service,
+            message.framing,
+            expires_at=now + self._expiry,
+            heartbeat_at=now + self.config.heartbeat_interval,
+        )
+        self.workers[identity] = worker
+        service.worker_count += 1
+        self.stats.workers_registered += 1
+        log.info(
+            "worker %s registered for %s (%s)", identity.hex(), _text(name), message.framing.name
+        )
+        self._make_idle(worker, now)
+
+    def _make_idle(self, worker: Worker, now: float) -> None:
+        """The worker is free: give it the oldest live request, or queue it as idle (LRU)."""
+        service = worker.service
+        requests = service.requests
+        while requests:
+            request = requests.popleft()
+            if request.expires_at > now:
+                self._deliver(worker, request, now)
+                return
+            self.stats.requests_expired += 1
+        service.idle.append(worker)
+        service.idle_count += 1
+
+    def _pop_idle(self, service: Service) -> Worker | None:
+        idle = service.idle
+        while idle:
+            worker = idle.popleft()
+            if not worker.gone:
+                service.idle_count -= 1
+                return worker
+        return None
+
+    def _deliver(self, worker: Worker, request: Request, now: float) -> None:
+        worker.request = request
+        worker.heartbeat_at = now + self.config.heartbeat_interval
+        self.outbox.append(
+            [
+                worker.identity,
+                *worker.framing.addressed(Command.REQUEST, request.client, request.body),
+            ]
+        )
+
+    def _forget(self, worker: Worker) -> None:
+        """Drop every trace of a worker; it gets nothing more from us."""
+        del self.workers[worker.identity]
+        worker.gone = True
+        service = worker.service
+        service.worker_count -= 1
+        if worker.request is not None:
+            self.stats.requests_lost_with_worker += 1
+            worker.request = None
+        else:
+            service.idle_count -= 1
+            # Compact lazily so a churn of reconnecting workers cannot grow the idle queue.
+            if len(service.idle) > 2 * service.idle_count + 16:
+                service.idle = deque(w for w in service.idle if not w.gone)
+        self._drop_if_unused(service)
+
+    def _disconnect(self, worker: Worker, *, unexpected: bool) -> None:
+        if unexpected:
+            # RFC 7/18: a valid but unexpected command gets DISCONNECT and nothing more.
+            self.stats.unexpected_commands += 1
+            log.info(
+                "worker %s (%s) sent an unexpected command; disconnected",
+                worker.identity.hex(),
+                _text(worker.service.name),
+            )
+        self.outbox.append([worker.identity, *worker.framing.command(Command.DISCONNECT)])
+        self._forget(worker)
+
+    def _reject(self, identity: bytes, framing: WorkerFraming) -> None:
+        self.stats.unexpected_commands += 1
+        self.outbox.append([identity, *framing.command(Command.DISCONNECT)])
+
+    def _drop_if_unused(self, service: Service) -> None:
+        if not service.worker_count and not service.requests:
+            self.services.pop(service.name, None)
+
+    # ---------------------------------------------------------------------------------------
+    # Time
+
+    def tick(self, now: float) -> float:
+        """Send due heartbeats, expire silent workers and old requests; return the next tick."""
+        interval = self.config.heartbeat_interval
+        expired: list[Worker] = []
+        for worker in self.workers.values():
+            deadline = worker.expires_at
+            if worker.request is not None and self._busy_expiry is not None:
+                deadline += self._busy_expiry - self._expiry
+            if deadline <= now:
+                expired.append(worker)
+            elif worker.heartbeat_at <= now:
+                worker.heartbeat_at = now + interval
+                self.outbox.append([worker.identity, *worker.framing.command(Command.HEARTBEAT)])
+        for worker in expired:
+            self.stats.workers_expired += 1
+            log.info("worker %s (%s) expired", worker.identity.hex(), _text(worker.service.name))
+            self._disconnect(worker, unexpected=False)
+        for service in list(self.services.values()):
+            requests = service.requests
+            while requests and requests[0].expires_at <= now:
+                requests.popleft()
+                self.stats.requests_expired += 1
+            self._drop_if_unused(service)
+        return now + self._tick_period
+
+    def disconnect_all(self) -> None:
+        """Say DISCONNECT to every worker and forget them (for shutdown)."""
+        for worker in list(self.workers.values()):
+            self._disconnect(worker, unexpected=False)
+
+    def queued(self) -> int:
+        """Requests waiting for a worker, over all services."""
+        return sum(len(s.requests) for s in self.services.values())
+
+
+def _text(name: bytes) -> str:
+    return name.decode("utf-8", "replace")

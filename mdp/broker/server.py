@@ -1,0 +1,211 @@
+"""The broker's I/O: one ROUTER socket around a `BrokerCore`.
+
+The loop is a plain pyzmq poll loop rather than asyncio: per wake-up it costs one poll call,
+then drains every waiting message with NOBLOCK receives (up to a batch), hands each to the core,
+and sends what the core produced. That is the cheapest way to move MDP frames through Python,
+and it keeps all rules in the core. To embed a broker in an asyncio program, run `serve()` in a
+thread (`start_thread()`); pyzmq releases the GIL while it polls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import FrameType
+
+import zmq
+
+from mdp.broker.core import BrokerConfig, BrokerCore
+
+log = logging.getLogger("mdp.broker")
+
+DEFAULT_MAX_MSG_SIZE = 16 * 1024 * 1024
+DEFAULT_SNDHWM = 10_000
+BATCH = 256
+SHUTDOWN_LINGER_MS = 500
+
+
+class BrokerServer:
+    """An MDP broker serving clients and workers of every version on one ROUTER socket.
+
+    `serve()` blocks until `stop()` is called (from any thread) or, when `handle_signals` is
+    true and it runs in the main thread, until SIGINT/SIGTERM. On the way out every worker gets
+    DISCONNECT, and the socket closes with a short bounded linger so those can leave.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[str],
+        config: BrokerConfig | None = None,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+        socket_setup: list[tuple[int, int | bytes]] | None = None,
+    ) -> None:
+        self.endpoints = list(endpoints)
+        if not self.endpoints:
+            raise ValueError("a broker needs at least one endpoint to bind")
+        self.core = BrokerCore(config)
+        self.max_msg_size = max_msg_size
+        self._context = context or zmq.Context.instance()
+        self._socket_setup = socket_setup or []
+        self._socket: zmq.Socket[bytes] | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.bound: list[str] = []
+        self.ready = threading.Event()
+
+    # ---------------------------------------------------------------------------------------
+
+    def bind(self) -> list[str]:
+        """Create the ROUTER socket and bind every endpoint; return the bound endpoints.
+
+        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed).
+        """
+        sock = self._context.socket(zmq.ROUTER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            # Unroutable sends raise instead of vanishing, so we can count them.
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size)
+            sock.setsockopt(zmq.SNDHWM, DEFAULT_SNDHWM)
+            for option, value in self._socket_setup:
+                sock.setsockopt(option, value)
+            for endpoint in self.endpoints:
+                sock.bind(endpoint)
+                self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._socket = sock
+        return self.bound
+
+    def serve(self, *, handle_signals: bool = False) -> None:
+        """Run until stopped. Binds first if `bind()` was not called."""
+        if self._socket is None:
+            self.bind()
+        sock = self._socket
+        assert sock is not None
+        restore = self._install_signals() if handle_signals else None
+        core = self.core
+        outbox = core.outbox
+        handle = core.handle
+        recv = sock.recv_multipart
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        clock = time.monotonic
+        next_tick = core.tick(clock())
+        self.ready.set()
+        log.info(
+            "broker serving on %s (heartbeat %d ms x %d, request TTL %g s)",
+            ", ".join(self.bound),
+            round(core.config.heartbeat_interval * 1000),
+            core.config.liveness,
+            core.config.request_ttl,
+        )
+        try:
+            while not self._stopping:
+                timeout = max(0, math.ceil((next_tick - clock()) * 1000))
+                events = dict(poller.poll(timeout))
+                if sock in events:
+                    now = clock()
+                    for _ in range(BATCH):
+                        try:
+                            frames = recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        handle(frames[0], frames[1:], now)
+                    if outbox:
+                        self._flush(sock)
+                if self._wake_r.fileno() in events:
+                    self._drain_wake()
+                now = clock()
+                if now >= next_tick:
+                    next_tick = core.tick(now)
+                    if outbox:
+                        self._flush(sock)
+            core.disconnect_all()
+            self._flush(sock)
+        finally:
+            sock.close(linger=SHUTDOWN_LINGER_MS)
+            self._socket = None
+            self._wake_r.close()
+            self._wake_w.close()
+            if restore is not None:
+                restore()
+            log.info("broker stopped; counters: %s", core.stats.as_dict())
+
+    def _flush(self, sock: zmq.Socket[bytes]) -> None:
+        send = sock.send_multipart
+        stats = self.core.stats
+        for frames in self.core.outbox:
+            try:
+                send(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                # The peer's pipe is full (or it is gone): drop rather than stall every peer.
+                stats.unroutable += 1
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    raise
+                stats.unroutable += 1
+        self.core.outbox.clear()
+
+    # ---------------------------------------------------------------------------------------
+    # Stopping
+
+    def stop(self) -> None:
+        """Ask the loop to stop; safe from any thread and from signal handlers."""
+        self._stopping = True
+        # Already closed, or the wake-up pipe is full: either way the loop sees the flag.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError: drained
+            while self._wake_r.recv(4096):
+                pass
+
+    def _install_signals(self) -> Callable[[], None] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            self.stop()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    # ---------------------------------------------------------------------------------------
+    # Embedding
+
+    def start_thread(self, timeout: float = 5.0) -> list[str]:
+        """Bind, run `serve()` in a daemon thread, and return the bound endpoints."""
+        endpoints = self.bind()
+        self._thread = threading.Thread(target=self.serve, name="mdp-broker", daemon=True)
+        self._thread.start()
+        if not self.ready.wait(timeout):
+            raise RuntimeError("broker thread did not start")
+        return endpoints
+
+    def join(self, timeout: float | None = None) -> None:
+        """Stop the broker thread started by `start_thread()` and wait for it."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
