@@ -1,0 +1,445 @@
+"""The broker's rules, checked on the sans-IO core: frames and time in, frames out."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mdp.broker.core import BrokerConfig, BrokerCore
+
+HB = 1.0  # heartbeat interval of these tests, seconds
+LIVENESS = 3
+
+W02 = b"MDPW02"
+W01 = b"MDPW01"
+C02 = b"MDPC02"
+C01 = b"MDPC01"
+
+
+def core(**overrides: object) -> BrokerCore:
+    settings_ = {"heartbeat_interval": HB, "liveness": LIVENESS, "request_ttl": 10.0}
+    settings_.update(overrides)
+    return BrokerCore(BrokerConfig(**settings_))  # type: ignore[arg-type]
+
+
+def sent(broker: BrokerCore) -> list[list[bytes]]:
+    out = list(broker.outbox)
+    broker.outbox.clear()
+    return out
+
+
+def ready02(broker: BrokerCore, worker: bytes, service: bytes = b"echo", now: float = 0) -> None:
+    broker.handle(worker, [W02, b"\x01", service], now)
+
+
+def ready01(broker: BrokerCore, worker: bytes, service: bytes = b"echo", now: float = 0) -> None:
+    broker.handle(worker, [b"", W01, b"\x01", service], now)
+
+
+def request02(broker: BrokerCore, client: bytes, service: bytes = b"echo", *body: bytes) -> None:
+    broker.handle(client, [C02, b"\x01", service, *(body or (b"hi",))], 0)
+
+
+# --- routing ------------------------------------------------------------------------------
+
+
+def test_request_goes_to_idle_worker_with_client_envelope() -> None:
+    """RFC 18 MDP/Worker REQUEST: header, 0x02, client address, empty delimiter, body."""
+    b = core()
+    ready02(b, b"W")
+    request02(b, b"C", b"echo", b"a", b"", b"c")
+    assert sent(b) == [[b"W", W02, b"\x02", b"C", b"", b"a", b"", b"c"]]
+
+
+def test_final_is_routed_to_the_client_with_the_service_frame() -> None:
+    """RFC 18 MDP/Client FINAL: MDPC02, 0x03, service, body."""
+    b = core()
+    ready02(b, b"W")
+    request02(b, b"C")
+    sent(b)
+    b.handle(b"W", [W02, b"\x03", b"C", b"", b"p1"], 0.1)
+    b.handle(b"W", [W02, b"\x04", b"C", b"", b"f1", b"f2"], 0.2)
+    assert sent(b) == [
+        [b"C", C02, b"\x02", b"echo", b"p1"],
+        [b"C", C02, b"\x03", b"echo", b"f1", b"f2"],
+    ]
+
+
+def test_requests_wait_for_a_worker_that_registers_later() -> None:
+    """RFC 7/18: the broker SHOULD queue requests for a service with no worker yet."""
+    b = core()
+    request02(b, b"C1", b"echo", b"1")
+    request02(b, b"C2", b"echo", b"2")
+    assert sent(b) == []
+    ready02(b, b"W", now=1)
+    assert sent(b) == [[b"W", W02, b"\x02", b"C1", b"", b"1"]]
+    b.handle(b"W", [W02, b"\x04", b"C1", b"", b"r1"], 1)
+    assert sent(b) == [
+        [b"C1", C02, b"\x03", b"echo", b"r1"],
+        [b"W", W02, b"\x02", b"C2", b"", b"2"],
+    ]
+
+
+def test_least_recently_used_worker_gets_the_next_request() -> None:
+    b = core()
+    for w in (b"W1", b"W2", b"W3"):
+        ready02(b, w)
+    order = []
+    for i in range(6):
+        client = b"C%d" % i
+        request02(b, client)
+        (message,) = sent(b)
+        order.append(message[0])
+        b.handle(message[0], [W02, b"\x04", client, b"", b"ok"], 0)
+        sent(b)
+    assert order == [b"W1", b"W2", b"W3", b"W1", b"W2", b"W3"]
+
+
+def test_services_are_isolated() -> None:
+    b = core()
+    ready02(b, b"WA", b"a")
+    request02(b, b"C", b"b")
+    assert sent(b) == []
+    assert b.services[b"b"].requests
+    assert b.services[b"a"].idle_count == 1
+
+
+# --- version bridging ---------------------------------------------------------------------
+
+
+def test_v01_client_served_by_v02_worker_gets_only_the_final_as_reply() -> None:
+    b = core()
+    ready02(b, b"W")
+    b.handle(b"C", [b"", C01, b"echo", b"q"], 0)
+    assert sent(b) == [[b"W", W02, b"\x02", b"C", b"", b"q"]]
+    b.handle(b"W", [W02, b"\x03", b"C", b"", b"partial"], 0)
+    assert sent(b) == []
+    b.handle(b"W", [W02, b"\x04", b"C", b"", b"final"], 0)
+    assert sent(b) == [[b"C", b"", C01, b"echo", b"final"]]
+
+
+def test_v02_client_served_by_v01_worker_gets_the_reply_as_final() -> None:
+    b = core()
+    ready01(b, b"W")
+    request02(b, b"C", b"echo", b"q")
+    assert sent(b) == [[b"W", b"", W01, b"\x02", b"C", b"", b"q"]]
+    b.handle(b"W", [b"", W01, b"\x03", b"C", b"", b"r"], 0)
+    assert sent(b) == [[b"C", C02, b"\x03", b"echo", b"r"]]
+
+
+def test_majortomo_client_dialect_gets_shifted_bytes_without_service() -> None:
+    b = core()
+    ready02(b, b"W")
+    b.handle(b"C", [b"", C02, b"\x02", b"echo", b"q"], 0)
+    sent(b)
+    b.handle(b"W", [W02, b"\x03", b"C", b"", b"p"], 0)
+    b.handle(b"W", [W02, b"\x04", b"C", b"", b"f"], 0)
+    assert sent(b) == [[b"C", b"", C02, b"\x03", b"p"], [b"C", b"", C02, b"\x04", b"f"]]
+
+
+def test_v02_peers_with_a_leading_empty_frame_are_answered_with_it() -> None:
+    b = core()
+    b.handle(b"W", [b"", W02, b"\x01", b"echo"], 0)
+    b.handle(b"C", [b"", C02, b"\x01", b"echo", b"q"], 0)
+    assert sent(b) == [[b"W", b"", W02, b"\x02", b"C", b"", b"q"]]
+    b.handle(b"W", [b"", W02, b"\x04", b"C", b"", b"f"], 0)
+    assert sent(b) == [[b"C", b"", C02, b"\x03", b"echo", b"f"]]
+
+
+# --- heartbeats and expiry ----------------------------------------------------------------
+
+
+def test_idle_worker_gets_heartbeats_every_interval() -> None:
+    b = core()
+    ready02(b, b"W")
+    t = 0.0
+    beats = []
+    while t < 5:
+        b.handle(b"W", [W02, b"\x05"], t)  # the worker heartbeats too, so it stays alive
+        t = b.tick(t)
+        beats += [t for m in sent(b) if m == [b"W", W02, b"\x05"]]
+    assert 4 <= len(beats) <= 5
+
+
+def test_any_worker_command_counts_as_a_heartbeat() -> None:
+    """RFC 7/18 Heartbeating: any received command except DISCONNECT acts as a heartbeat."""
+    b = core()
+    ready02(b, b"W")
+    request02(b, b"C")
+    for t in range(1, 10):
+        b.handle(b"W", [W02, b"\x03", b"C", b"", b"p"], t)
+        b.tick(t + 0.5)
+    assert b"W" in b.workers
+
+
+def test_silent_worker_expires_after_interval_times_liveness() -> None:
+    b = core()
+    ready02(b, b"W")
+    b.tick(HB * LIVENESS - 0.01)
+    assert b"W" in b.workers
+    sent(b)
+    b.tick(HB * LIVENESS)
+    assert b"W" not in b.workers
+    assert [b"W", W02, b"\x06"] in sent(b)
+    assert b.stats.workers_expired == 1
+    assert b"echo" not in b.services
+
+
+def test_silent_busy_worker_expires_too_and_its_request_is_not_resent() -> None:
+    b = core()
+    ready02(b, b"W1")
+    request02(b, b"C")
+    ready02(b, b"W2", now=2.5)
+    sent(b)
+    b.tick(HB * LIVENESS)
+    assert b"W1" not in b.workers
+    assert not any(m[0] == b"W2" and m[2] == b"\x02" for m in sent(b))
+    assert b.stats.requests_lost_with_worker == 1
+
+
+def test_busy_timeout_relaxes_expiry_of_a_worker_holding_a_request() -> None:
+    b = core(busy_timeout=30.0)
+    ready02(b, b"W")
+    request02(b, b"C")
+    b.tick(20)
+    assert b"W" in b.workers
+    b.tick(30)
+    assert b"W" not in b.workers
+
+
+def test_busy_timeout_does_not_apply_to_idle_workers() -> None:
+    b = core(busy_timeout=30.0)
+    ready02(b, b"W")
+    b.tick(HB * LIVENESS)
+    assert b"W" not in b.workers
+
+
+def test_queued_request_expires_after_ttl() -> None:
+    b = core(request_ttl=2.0)
+    request02(b, b"C")
+    b.tick(1.0)
+    assert b.queued() == 1
+    b.tick(2.0)
+    assert b.queued() == 0
+    assert b.stats.requests_expired == 1
+    ready02(b, b"W", now=2.5)
+    assert sent(b) == []
+
+
+def test_expired_request_is_not_delivered_even_before_a_tick() -> None:
+    b = core(request_ttl=2.0)
+    request02(b, b"C")
+    ready02(b, b"W", now=3.0)
+    assert sent(b) == []
+    assert b.stats.requests_expired == 1
+
+
+def test_queue_bound_drops_and_counts() -> None:
+    b = core(max_queue=3)
+    for i in range(5):
+        request02(b, b"C%d" % i)
+    assert b.queued() == 3
+    assert b.stats.requests_dropped_queue_full == 2
+
+
+# --- strictness ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([W02, b"\x01", b"echo"], id="second READY"),
+        pytest.param([W02, b"\x04", b"C", b"", b"x"], id="FINAL without a request"),
+        pytest.param([W02, b"\x03", b"C", b"", b"x"], id="PARTIAL without a request"),
+        pytest.param([b"", W02, b"\x05"], id="switches dialect"),
+    ],
+)
+def test_unexpected_command_from_registered_worker_gets_disconnect(frames: list[bytes]) -> None:
+    """RFC 7/18: a valid but unexpected command gets DISCONNECT and nothing more."""
+    b = core()
+    ready02(b, b"W")
+    b.handle(b"W", frames, 0)
+    assert sent(b) == [[b"W", W02, b"\x06"]]
+    assert b"W" not in b.workers
+
+
+def test_final_for_another_client_is_not_forwarded() -> None:
+    b = core()
+    ready02(b, b"W")
+    request02(b, b"C")
+    sent(b)
+    b.handle(b"W", [W02, b"\x04", b"OTHER", b"", b"spoof"], 0)
+    assert sent(b) == [[b"W", W02, b"\x06"]]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([W02, b"\x05"], id="HEARTBEAT before READY"),
+        pytest.param([W02, b"\x04", b"C", b"", b"x"], id="FINAL before READY"),
+        pytest.param([b"", W01, b"\x03", b"C", b"", b"x"], id="REPLY before READY"),
+        pytest.param([W02, b"\x01", b"mmi.service"], id="READY for mmi.*"),
+    ],
+)
+def test_unexpected_command_from_unknown_peer_gets_disconnect(frames: list[bytes]) -> None:
+    b = core()
+    b.handle(b"W", frames, 0)
+    (reply,) = sent(b)
+    assert reply[0] == b"W" and reply[-1] in (b"\x05", b"\x06")
+    assert not b.workers
+
+
+def test_worker_disconnect_is_honoured_silently() -> None:
+    b = core()
+    ready02(b, b"W")
+    b.handle(b"W", [W02, b"\x06"], 0)
+    assert not b.workers
+    request02(b, b"C")
+    b.tick(0.5)
+    assert sent(b) == []
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [b""],
+        [b"XXXX", b"\x01", b"echo", b"x"],
+        [C02, b"\x09", b"echo", b"x"],
+        [C02, b"\x01", b"echo"],
+        [C02, b"\x01", b"", b"x"],
+        [b"", C01, b"echo"],
+        [C01, b"echo", b"x"],
+        [W02, b"\x07"],
+        [W02],
+        [W02, b"\x01"],
+        [W02, b"\x01", b"a", b"b"],
+        [W02, b"\x04", b"C", b"x", b"body"],
+        [W02, b"\x04", b"", b"", b"body"],
+        [W02, b"\x04", b"C", b""],
+        [W02, b"\x05", b"extra"],
+        [C02, b"\x01", b"bad\nname", b"x"],
+        [C02, b"\x01", b"x" * 256, b"x"],
+    ],
+)
+def test_invalid_messages_are_dropped_and_counted(frames: list[bytes]) -> None:
+    b = core()
+    ready02(b, b"W")
+    b.handle(b"P", frames, 0)
+    assert sent(b) == []
+    assert b.stats.invalid_messages == 1
+    request02(b, b"C")
+    assert sent(b)[0][0] == b"W"
+
+
+# --- MMI ----------------------------------------------------------------------------------
+
+
+def test_mmi_service_answers_200_for_a_registered_service_and_404_otherwise() -> None:
+    """RFC 8: mmi.service replies 200 if a worker is registered for the service, else 404."""
+    b = core()
+    ready02(b, b"W")
+    b.handle(b"C", [C02, b"\x01", b"mmi.service", b"echo"], 0)
+    b.handle(b"C", [C02, b"\x01", b"mmi.service", b"nope"], 0)
+    b.handle(b"C", [b"", C01, b"mmi.service", b"echo"], 0)
+    assert sent(b) == [
+        [b"C", C02, b"\x03", b"mmi.service", b"200"],
+        [b"C", C02, b"\x03", b"mmi.service", b"404"],
+        [b"C", b"", C01, b"mmi.service", b"200"],
+    ]
+
+
+def test_mmi_service_is_404_for_a_service_with_only_queued_requests() -> None:
+    b = core()
+    request02(b, b"C", b"later")
+    b.handle(b"C", [C02, b"\x01", b"mmi.service", b"later"], 0)
+    assert sent(b)[-1][-1] == b"404"
+
+
+def test_unknown_mmi_service_answers_501() -> None:
+    """RFC 8: unimplemented mmi.* services reply 501."""
+    b = core()
+    b.handle(b"C", [C02, b"\x01", b"mmi.nope", b""], 0)
+    assert sent(b) == [[b"C", C02, b"\x03", b"mmi.nope", b"501"]]
+
+
+def test_mmi_services_lists_workers_and_queue_depth() -> None:
+    b = core()
+    ready02(b, b"W1", b"a")
+    ready02(b, b"W2", b"a")
+    request02(b, b"C", b"b")
+    b.handle(b"C", [C02, b"\x01", b"mmi.services", b""], 0)
+    reply = sent(b)[-1]
+    assert reply[:4] == [b"C", C02, b"\x03", b"mmi.services"]
+    listing = sorted(msgpack.unpackb(reply[4]), key=lambda s: s["name"])
+    assert listing == [
+        {"name": "a", "workers": 2, "queued": 0},
+        {"name": "b", "workers": 0, "queued": 1},
+    ]
+
+
+# --- shutdown -----------------------------------------------------------------------------
+
+
+def test_disconnect_all_says_disconnect_to_every_worker_in_its_framing() -> None:
+    b = core()
+    ready02(b, b"W2")
+    ready01(b, b"W1")
+    b.disconnect_all()
+    assert sorted(sent(b)) == sorted([[b"W2", W02, b"\x06"], [b"W1", b"", W01, b"\x05"]])
+    assert not b.workers and not b.services
+
+
+# --- consistency under random input -------------------------------------------------------
+
+
+def check_invariants(b: BrokerCore) -> None:
+    for identity, worker in b.workers.items():
+        assert worker.identity == identity and not worker.gone
+        assert b.services.get(worker.service.name) is worker.service
+        in_idle = sum(1 for w in worker.service.idle if w is worker)
+        assert in_idle == (0 if worker.request is not None else 1)
+    for name, service in b.services.items():
+        assert service.name == name
+        members = [w for w in b.workers.values() if w.service is service]
+        assert service.worker_count == len(members)
+        live_idle = [w for w in service.idle if not w.gone]
+        assert service.idle_count == len(live_idle)
+        assert not (live_idle and service.requests), "idle worker while requests wait"
+        assert len(service.requests) <= b.config.max_queue
+        assert service.worker_count or service.requests or name not in b.services
+
+
+IDS = st.sampled_from([b"A", b"B", b"C", b"D"])
+HEADERS = st.sampled_from([b"", b"MDPC01", b"MDPC02", b"MDPW01", b"MDPW02", b"junk"])
+COMMANDS = st.sampled_from([b"\x00", b"\x01", b"\x02", b"\x03", b"\x04", b"\x05", b"\x06", b"\x07"])
+SMALL = st.sampled_from([b"", b"echo", b"mmi.service", b"mmi.x", b"A", b"B", b"other"])
+FRAME = st.one_of(HEADERS, COMMANDS, SMALL, IDS, st.binary(max_size=8))
+MESSAGE = st.one_of(
+    st.lists(FRAME, max_size=8),
+    st.tuples(
+        st.lists(st.just(b""), max_size=1), HEADERS, COMMANDS, st.lists(FRAME, max_size=4)
+    ).map(lambda t: [*t[0], t[1], t[2], *t[3]]),
+)
+STEP = st.tuples(IDS, MESSAGE, st.floats(min_value=0, max_value=2))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(STEP, max_size=60))
+def test_random_frames_never_raise_and_keep_state_consistent(steps: list) -> None:  # type: ignore[type-arg]
+    b = core(max_queue=3, request_ttl=3.0)
+    now = 0.0
+    for identity, frames, dt in steps:
+        now += dt
+        b.handle(identity, frames, now)
+        if dt > 1:
+            b.tick(now)
+        check_invariants(b)
+        for message in b.outbox:
+            assert message and message[0] in (b"A", b"B", b"C", b"D")
+        b.outbox.clear()
+    b.tick(now + 100)
+    check_invariants(b)
+    assert not b.workers and not b.services
