@@ -19,10 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
+from typing import Any
 
 import zmq
+from zmq.backend import zmq_poll
 
 from mdp.broker.core import BrokerConfig, BrokerCore
+from mdp.fastzmq import POLLIN, readable, recv_frames, send_frames
 
 log = logging.getLogger("mdp.broker")
 
@@ -100,10 +103,8 @@ class BrokerServer:
         core = self.core
         outbox = core.outbox
         handle = core.handle
-        recv = sock.recv_multipart
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        wake_fd = self._wake_r.fileno()
+        poll_items: list[tuple[Any, int]] = [(sock, POLLIN), (wake_fd, POLLIN)]
         clock = time.monotonic
         next_tick = core.tick(clock())
         self.ready.set()
@@ -117,18 +118,17 @@ class BrokerServer:
         try:
             while not self._stopping:
                 timeout = max(0, math.ceil((next_tick - clock()) * 1000))
-                events = dict(poller.poll(timeout))
-                if sock in events:
-                    now = clock()
-                    for _ in range(BATCH):
-                        try:
-                            frames = recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        handle(frames[0], frames[1:], now)
-                    if outbox:
-                        self._flush(sock)
-                if self._wake_r.fileno() in events:
+                events: list[tuple[Any, int]] = zmq_poll(poll_items, timeout)
+                # Drain in batches: one poll per wake-up, however many messages wait.
+                now = clock()
+                for _ in range(BATCH):
+                    if not readable(sock):
+                        break
+                    frames = recv_frames(sock)
+                    handle(frames[0], frames[1:], now)
+                if outbox:
+                    self._flush(sock)
+                if len(events) > 1 or (events and events[0][0] == wake_fd):
                     self._drain_wake()
                 now = clock()
                 if now >= next_tick:
@@ -147,11 +147,10 @@ class BrokerServer:
             log.info("broker stopped; counters: %s", core.stats.as_dict())
 
     def _flush(self, sock: zmq.Socket[bytes]) -> None:
-        send = sock.send_multipart
         stats = self.core.stats
         for frames in self.core.outbox:
             try:
-                send(frames, zmq.NOBLOCK)
+                send_frames(sock, frames)
             except zmq.Again:
                 # The peer's pipe is full (or it is gone): drop rather than stall every peer.
                 stats.unroutable += 1
