@@ -18,6 +18,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
 @click.option(
     "--bind",
     "binds",
+    envvar="MDP_BROKER_BIND",
     multiple=True,
     default=["tcp://127.0.0.1:5555"],
     show_default=True,
