@@ -1,0 +1,229 @@
+"""Commands files: load, validate, and report every problem with its place.
+
+A commands file is JSON holding one command object or a list of them:
+
+    {"command_type": "shell", "command_name": "echo", "parameters": ["Hello, world!"],
+     "timeout": 5, "cwd": "/tmp", "env": {"GREETING": "hi"}}
+
+`command_type` is the MDP service that runs the command ("os", "shell", or any other service
+speaking the command bodies of spec/command-service.md). Unknown fields are rejected, so a typo
+never silently changes what runs. Problems are reported as `FILE[2].parameters[0]: message`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.bodies import (
+    MAX_COMMAND_NAME,
+    MAX_ENV_VARS,
+    MAX_PARAMETER,
+    MAX_PARAMETERS,
+    MAX_TIMEOUT,
+    CommandRequest,
+)
+
+__all__ = ["EX_DATAERR", "EX_NOINPUT", "CommandSpec", "InputError", "load_commands"]
+
+EX_DATAERR = 65
+"""The file is not valid JSON or not a valid commands file (sysexits.h)."""
+EX_NOINPUT = 66
+"""The file does not exist or cannot be read (sysexits.h)."""
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_SERVICE_NAME = 255
+
+
+class InputError(Exception):
+    """The commands file cannot be used. `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str], exit_code: int = EX_DATAERR) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.exit_code = exit_code
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class CommandSpec(BaseModel):
+    """One entry of a commands file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    command_type: Annotated[str, Field(min_length=1)]
+    """The service that runs the command: "os", "shell", ..."""
+    command_name: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_NAME)]
+    parameters: Annotated[
+        list[Annotated[str, Field(max_length=MAX_PARAMETER)]], Field(max_length=MAX_PARAMETERS)
+    ] = []
+    timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] | None = None
+    """Seconds the worker lets the command run (the worker caps it, default 30 s)."""
+    cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    env: Annotated[dict[str, str], Field(max_length=MAX_ENV_VARS)] | None = None
+    """Added to the worker's minimal environment."""
+
+    @field_validator("command_type")
+    @classmethod
+    def _service_name(cls, value: str) -> str:
+        if len(value.encode()) > MAX_SERVICE_NAME:
+            raise ValueError(f"service names are at most {MAX_SERVICE_NAME} bytes")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError("service names must not contain control characters")
+        if value.startswith("mmi."):
+            raise ValueError("mmi.* names belong to the broker's management interface")
+        return value
+
+    @field_validator("command_name", "cwd")
+    @classmethod
+    def _text_has_no_nul(cls, value: str | None) -> str | None:
+        return None if value is None else _no_nul(value)
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_have_no_nul(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _no_nul(item)
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_well_formed(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return None
+        for key, item in value.items():
+            if not key or "=" in key or "\x00" in key:
+                raise ValueError(f"bad environment variable name {key!r}")
+            _no_nul(item)
+        return value
+
+    def request(self, request_id: str) -> CommandRequest:
+        """The request body sent to the service."""
+        return CommandRequest(
+            command_name=self.command_name,
+            parameters=self.parameters,
+            timeout=self.timeout,
+            cwd=self.cwd,
+            env=self.env,
+            request_id=request_id,
+        )
+
+    def display(self) -> str:
+        """A one-line rendering, e.g. `shell: echo 'Hello, world!'`."""
+        if self.command_type == "shell":
+            text = " ".join([self.command_name, *map(shlex.quote, self.parameters)])
+        else:
+            text = shlex.join([self.command_name, *self.parameters])
+        return f"{self.command_type}: {text}"
+
+
+_FIELDS = ", ".join(CommandSpec.model_fields)
+
+
+def load_commands(path: str) -> list[CommandSpec]:
+    """Read and validate a commands file; `path` "-" reads standard input.
+
+    Raises InputError: exit code 66 when the file is missing or unreadable, 65 when it is not
+    valid JSON or not a valid commands file (every problem listed with its place).
+    """
+    name = "<stdin>" if path == "-" else path
+    data = _read(path, name)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError([f"{name}: not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            [f"{name}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
+        ) from None
+    return validate_commands(document, name)
+
+
+def validate_commands(document: Any, name: str) -> list[CommandSpec]:
+    """Validate a parsed JSON document (one object or a list of objects)."""
+    if isinstance(document, dict):
+        entries, places = [document], [name]
+    elif isinstance(document, list):
+        if not document:
+            raise InputError([f"{name}: the list holds no commands"])
+        entries, places = document, [f"{name}[{i}]" for i in range(len(document))]
+    else:
+        raise InputError(
+            [f"{name}: expected a command object or a list of them, got {_json_type(document)}"]
+        )
+    specs: list[CommandSpec] = []
+    problems: list[str] = []
+    for entry, place in zip(entries, places, strict=True):
+        if not isinstance(entry, dict):
+            problems.append(f"{place}: expected a command object, got {_json_type(entry)}")
+            continue
+        try:
+            specs.append(CommandSpec.model_validate(entry))
+        except ValidationError as exc:
+            problems.extend(_describe(place, exc))
+    if problems:
+        raise InputError(problems)
+    return specs
+
+
+def _read(path: str, name: str) -> bytes:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise InputError([f"{name}: no such file"], EX_NOINPUT) from None
+    except IsADirectoryError:
+        raise InputError([f"{name}: is a directory, not a commands file"], EX_NOINPUT) from None
+    except PermissionError:
+        raise InputError([f"{name}: permission denied"], EX_NOINPUT) from None
+    except OSError as exc:
+        raise InputError([f"{name}: cannot read: {exc.strerror or exc}"], EX_NOINPUT) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError([f"{name}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB"])
+    return data
+
+
+def _describe(place: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = place + "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]
+        )
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            message = f"unknown field (allowed: {_FIELDS})"
+        elif kind == "missing":
+            message = "missing (required)"
+        else:
+            message = error["msg"]
+            if message.startswith("Value error, "):
+                message = message[len("Value error, ") :]
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
