@@ -1,0 +1,397 @@
+"""MDP workers on asyncio and pyzmq: the handler API and the socket loop around `worker_core`.
+
+Writing a service takes a few lines::
+
+    from mdp.worker import Request, Service, serve
+
+    async def shout(request: Request) -> list[bytes]:
+        await request.partial([b"working on it"])  # optional; dropped under MDP/0.1
+        return [frame.upper() for frame in request.body]
+
+    asyncio.run(serve([Service("shout", shout)], WorkerOptions(broker="tcp://127.0.0.1:5555")))
+
+The handler API
+---------------
+- A handler is an async function `(Request) -> list[bytes]`. `request.body` holds the REQUEST
+  body frames; the returned list is the FINAL body (RFC 7: the REPLY), at least one frame.
+- `await request.partial(frames)` sends a PARTIAL before the FINAL (RFC 18). Under MDP/0.1
+  there are no PARTIALs: the call does nothing, and `request.streaming` is False.
+- A handler that raises does not stop the worker: the exception is logged with its traceback
+  and the FINAL is `service.error_reply(request, exc)`. The default error reply is two frames,
+  `b"error"` and a short UTF-8 description (`"ValueError: bad input"`). A handler that returns
+  something other than a non-empty list of bytes counts as raising `TypeError`.
+- Each request runs in its own asyncio task while the connection keeps heartbeating, so a
+  handler may take as long as it needs -- but it must not block the event loop (use
+  `asyncio.to_thread` for blocking work), or heartbeats stop and the broker expires the worker.
+
+One `Worker` is one MDP connection and handles one request at a time (RFC 7/18); `serve()` runs
+several connections (`concurrency`) for several services in one process and stops them all,
+gracefully, on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from mdp.protocol import Version, validate_service_name
+from mdp.worker_core import (
+    Action,
+    Cancel,
+    CloseSocket,
+    Dispatch,
+    OpenSocket,
+    Send,
+    State,
+    WorkerConfig,
+    WorkerCore,
+)
+
+__all__ = [
+    "ErrorReply",
+    "Handler",
+    "Request",
+    "Service",
+    "Worker",
+    "WorkerOptions",
+    "default_error_reply",
+    "serve",
+]
+
+log = logging.getLogger("mdp.worker")
+
+Handler = Callable[["Request"], Awaitable[list[bytes]]]
+"""An async function from a request to the FINAL body frames."""
+
+ErrorReply = Callable[["Request", BaseException], list[bytes]]
+"""Builds the FINAL body sent when a handler raised (or was cancelled at shutdown)."""
+
+# Longest wait of the socket loop, whatever the deadlines say: a safety net, not a timer.
+_MAX_WAIT = 1.0
+
+
+def default_error_reply(request: Request, exc: BaseException) -> list[bytes]:
+    """FINAL body for a failed plain handler: `[b"error", b"<ExceptionType>: <message>"]`."""
+    if isinstance(exc, asyncio.CancelledError):
+        text = "cancelled: the worker is shutting down"
+    else:
+        text = f"{type(exc).__name__}: {exc}"[:500]
+    return [b"error", text.encode("utf-8", "replace")]
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A named service: its handler and the FINAL it sends when the handler fails."""
+
+    name: str
+    handler: Handler
+    error_reply: ErrorReply = default_error_reply
+
+    def __post_init__(self) -> None:
+        validate_service_name(self.name.encode())
+        if self.name.startswith("mmi."):
+            raise ValueError("the mmi. namespace is reserved for the broker (RFC 8)")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How a worker connects. Interval and liveness must match the broker's settings."""
+
+    broker: str = "tcp://127.0.0.1:5555"
+    version: Version = Version.V02
+    heartbeat_interval: float = 2.5
+    liveness: int = 3
+    grace: float = 10.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 4.0
+
+    def config(self, service: str) -> WorkerConfig:
+        return WorkerConfig(
+            service=service.encode(),
+            version=Version(self.version),
+            heartbeat_interval=self.heartbeat_interval,
+            liveness=self.liveness,
+            backoff_initial=self.backoff_initial,
+            backoff_max=self.backoff_max,
+        )
+
+
+@dataclass(slots=True)
+class Request:
+    """One request as a handler sees it."""
+
+    body: list[bytes]
+    """The REQUEST body frames."""
+    client: bytes
+    """The client's address as the broker gave it (opaque)."""
+    service: str
+    worker_id: str
+    """Identifies the worker connection handling this request (`service#n`)."""
+    streaming: bool
+    """True when PARTIALs reach the client (MDP/0.2); False under MDP/0.1."""
+    _send_partial: Callable[[list[bytes]], None] = field(repr=False, default=lambda body: None)
+
+    async def partial(self, body: list[bytes]) -> None:
+        """Send a PARTIAL body (one or more frames) ahead of the FINAL; no-op under MDP/0.1."""
+        self._send_partial(_checked_body(body, "a PARTIAL"))
+        await asyncio.sleep(0)  # let the socket loop run between bursts
+
+
+def _checked_body(body: object, what: str) -> list[bytes]:
+    if not isinstance(body, list | tuple) or not body:
+        raise TypeError(f"{what} body must be a non-empty list of bytes, got {type(body).__name__}")
+    frames: list[bytes] = []
+    for frame in body:
+        if not isinstance(frame, bytes | bytearray | memoryview):
+            raise TypeError(f"{what} body frame must be bytes, got {type(frame).__name__}")
+        frames.append(bytes(frame))
+    return frames
+
+
+class Worker:
+    """One MDP worker connection for one service: READY, heartbeats, requests, reconnects."""
+
+    def __init__(
+        self,
+        service: Service,
+        options: WorkerOptions,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        worker_id: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self.options = options
+        self.worker_id = worker_id or f"{service.name}#0"
+        self.core = WorkerCore(options.config(service.name))
+        self._context = context or zmq.asyncio.Context.instance()
+        self._clock = clock
+        self._socket: zmq.asyncio.Socket | None = None
+        self._recv: asyncio.Future[list[bytes]] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop_grace: float | None = None
+        self._announced = False
+
+    # ---------------------------------------------------------------------------------------
+    # Public
+
+    @property
+    def state(self) -> State:
+        return self.core.state
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests; a running one gets `grace` seconds (default: options.grace)."""
+        grace = self.options.grace if grace is None else grace
+        self._stop_grace = grace if self._stop_grace is None else min(grace, self._stop_grace)
+        self._poke()
+
+    async def run(self) -> None:
+        """Serve until `stop()` completes the shutdown."""
+        try:
+            self._perform(self.core.start(self._clock()))
+            while True:
+                if self._stop_grace is not None:
+                    self._perform(self.core.shutdown(self._clock(), self._stop_grace))
+                self._perform(self.core.tick(self._clock()))
+                if self.core.state is State.CLOSED:
+                    break
+                await self._wait(self.core.deadline)
+        finally:
+            await self._teardown()
+
+    # ---------------------------------------------------------------------------------------
+    # The socket loop
+
+    async def _wait(self, deadline: float) -> None:
+        """Wait for a message, a wake-up or the deadline, whichever comes first."""
+        timeout = min(max(0.0, deadline - self._clock()), _MAX_WAIT)
+        if self._wake is None or self._wake.done():
+            self._wake = asyncio.get_running_loop().create_future()
+        waiting: set[asyncio.Future[object]] = {self._wake}  # type: ignore[arg-type]
+        if self._socket is not None:
+            if self._recv is None:
+                self._recv = asyncio.ensure_future(self._socket.recv_multipart())
+            waiting.add(self._recv)  # type: ignore[arg-type]
+        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._recv is not None and self._recv.done():
+            recv, self._recv = self._recv, None
+            try:
+                frames = recv.result()
+            except (zmq.ZMQError, asyncio.CancelledError) as exc:
+                log.warning("%s: receive failed: %s", self.worker_id, exc)
+                return
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: <- %r", self.worker_id, frames)
+            self._perform(self.core.receive(frames, self._clock()))
+            if self.core.heard_from_broker and not self._announced:
+                self._announced = True
+                log.info(
+                    "%s: registered with %s as %r (MDP/%s)",
+                    self.worker_id,
+                    self.options.broker,
+                    self.service.name,
+                    self.options.version,
+                )
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self._send(action.frames)
+            elif isinstance(action, OpenSocket):
+                self._open()
+            elif isinstance(action, CloseSocket):
+                self._close(reason=True)
+            elif isinstance(action, Dispatch):
+                self._dispatch(action)
+            elif isinstance(action, Cancel):
+                self._cancel()
+
+    def _cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            log.warning("%s: grace period over, cancelling the handler", self.worker_id)
+            self._task.cancel()
+
+    def _open(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.options.broker)
+        self._socket = sock
+        self._announced = False
+        log.debug("%s: connecting to %s", self.worker_id, self.options.broker)
+
+    def _close(self, reason: bool = False) -> None:
+        if self._recv is not None:
+            self._recv.cancel()
+            self._recv = None
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+            if reason and self.core.state is not State.CLOSED:
+                log.warning(
+                    "%s: lost the broker (%s); reconnecting%s",
+                    self.worker_id,
+                    self.core.drop_reason,
+                    " once the running request ends" if self.core.busy else "",
+                )
+
+    def _send(self, frames: list[bytes]) -> None:
+        sock = self._socket
+        if sock is None:
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: -> %r", self.worker_id, frames)
+        # (ensure_future returns pyzmq's own future; it only gives it a precise type)
+        sent = asyncio.ensure_future(sock.send_multipart(frames, flags=zmq.NOBLOCK))
+        # With NOBLOCK the future is settled at once: sent, or zmq.Again when the queue to the
+        # broker is full (it is not there). The message is then lost like any other in flight
+        # to a dead broker; heartbeating notices and we reconnect.
+        if sent.done():
+            exc = sent.exception()
+            if exc is not None:
+                log.warning("%s: message to the broker dropped: %s", self.worker_id, exc)
+        else:  # pragma: no cover - pyzmq settles NOBLOCK sends synchronously
+            sent.add_done_callback(lambda f: f.exception())
+
+    # ---------------------------------------------------------------------------------------
+    # Handlers
+
+    def _dispatch(self, action: Dispatch) -> None:
+        token = action.token
+        request = Request(
+            body=action.body,
+            client=action.client,
+            service=self.service.name,
+            worker_id=self.worker_id,
+            streaming=self.core.streaming,
+            _send_partial=lambda body: self._perform(self.core.partial(token, body, self._clock())),
+        )
+        self._task = asyncio.create_task(self._handle(token, request), name=self.worker_id)
+
+    async def _handle(self, token: int, request: Request) -> None:
+        try:
+            body = _checked_body(await self.service.handler(request), "the FINAL")
+        except asyncio.CancelledError as exc:
+            body = self._error_reply(request, exc)
+        except Exception as exc:
+            log.exception("%s: handler for %r failed", self.worker_id, self.service.name)
+            body = self._error_reply(request, exc)
+        self._perform(self.core.final(token, body, self._clock()))
+        self._poke()
+
+    def _error_reply(self, request: Request, exc: BaseException) -> list[bytes]:
+        try:
+            return _checked_body(self.service.error_reply(request, exc), "the error")
+        except Exception:
+            log.exception("%s: error_reply for %r failed", self.worker_id, self.service.name)
+            return default_error_reply(request, exc)
+
+    async def _teardown(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
+        self._close()
+
+
+async def serve(
+    services: Sequence[Service],
+    options: WorkerOptions,
+    concurrency: int = 1,
+    *,
+    handle_signals: bool = True,
+    started: Callable[[list[Worker]], None] | None = None,
+) -> None:
+    """Run `concurrency` connections per service until SIGINT/SIGTERM (if `handle_signals`).
+
+    The first signal stops taking requests and gives running ones `options.grace` seconds; a
+    second signal cancels them at once. Returns when every connection has closed.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    context = zmq.asyncio.Context()
+    workers = [
+        Worker(service, options, context=context, worker_id=f"{service.name}#{i}")
+        for service in services
+        for i in range(concurrency)
+    ]
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        grace = options.grace if len(received) == 1 else 0.0
+        log.info(
+            "%s: stopping (%s)",
+            signal.Signals(signum).name,
+            f"grace {grace:g}s" if grace else "cancelling running requests",
+        )
+        for worker in workers:
+            worker.stop(grace)
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        if started is not None:
+            started(workers)
+        async with asyncio.TaskGroup() as group:
+            for worker in workers:
+                group.create_task(worker.run(), name=worker.worker_id)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        context.destroy(linger=0)
