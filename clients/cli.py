@@ -1,9 +1,409 @@
-"""`mdp-client`: run the commands of a file through an MDP broker."""
+"""`mdp-client`: run the commands of a file through an MDP broker, and ask the broker about its
+services. Thin: parse options, build objects, run, map the result to an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+from clients.commands import CommandSpec, InputError, load_commands
+from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsole, Report
+from clients.results import ExitCode, exit_code_for
+from clients.runner import RunSettings, ServiceCheckFailed, check_services, run_commands
+from mdp import __version__
+from mdp.client import (
+    DEFAULT_ENDPOINT,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    Client,
+    MMINotImplemented,
+    RequestTimeout,
+)
+from mdp.errors import MDPError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PROG = "mdp-client"
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+EXIT_CODES = """\b
+Exit codes (when several apply, the first in this list wins):
+  2    usage error (bad option)
+  66   FILE does not exist or cannot be read
+  65   FILE is not valid JSON or not a valid commands file
+  69   no broker answered, or a service is unknown to the broker
+  75   some command was lost: no result after the allowed retries
+  124  some command timed out (the worker killed it)
+  1    some command failed (non-zero exit, or status error/invalid/rejected)
+  0    every command ok
+"""
+
+MAIN_HELP = f"""Run the commands in FILE through an MDP broker and report their results.
+
+FILE holds one command or a JSON list of them, e.g.
+
+\b
+  {{"command_type": "shell", "command_name": "echo",
+   "parameters": ["Hello, world!"], "timeout": 5, "cwd": "/tmp", "env": {{"A": "1"}}}}
+
+command_type names the service that runs it: "os" runs command_name with the parameters as
+its arguments (no shell); "shell" runs command_name through /bin/sh -c, parameters safely
+quoted. timeout (seconds), cwd and env are optional; any other field is an error.
+
+Before sending anything, the client asks the broker (MMI) whether every service the file needs
+has a worker. Commands then run concurrently, at most --parallel at a time, and each is printed
+as it finishes. An attempt that stays silent for --timeout seconds (no reply, no progress) is
+abandoned and re-sent on a fresh connection, to the next -a broker in turn, at most --retries
+times; but a command a worker has already started is never re-sent unless --retry-started is
+given (it may have run), it is reported "lost" instead. Over --mdp-version 0.1 the client
+cannot see a start, so silent commands are only re-sent with --retry-started.
+
+In --json output, stdout/stderr are strings when they are valid UTF-8 and {{"base64": "..."}}
+otherwise. Every option can also be set with an MDP_CLIENT_* environment variable (shown in
+brackets).
+
+\b
+Examples:
+  {PROG} -f examples/batch.json
+  {PROG} --embedded -f examples/batch.json        # no broker or worker needed
+  echo '{{"command_type":"os","command_name":"ls"}}' | {PROG} -f - --json
+  {PROG} services
+  {PROG} ping shell
+
+{EXIT_CODES}"""
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Send commands to an MDP broker. Not yet implemented."""
-    raise click.ClickException("not yet implemented")
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"{PROG}: {message}", err=True)
+    sys.exit(code)
+
+
+def connection_options(f: F) -> F:
+    """Options every subcommand needs to reach a broker."""
+    options = [
+        click.option(
+            "-a",
+            "--broker",
+            "brokers",
+            multiple=True,
+            metavar="ENDPOINT",
+            envvar="MDP_CLIENT_BROKER",
+            show_envvar=True,
+            help="Broker endpoint; repeat for failover, tried in turn. "
+            f"[default: {DEFAULT_ENDPOINT}]",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            envvar="MDP_CLIENT_TIMEOUT",
+            show_envvar=True,
+            help="Seconds an attempt may stay silent before it is re-sent. "
+            f"[default: {DEFAULT_TIMEOUT:g}]",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(min=0),
+            envvar="MDP_CLIENT_RETRIES",
+            show_envvar=True,
+            help=f"How many times a silent request may be re-sent. [default: {DEFAULT_RETRIES}]",
+        ),
+        click.option(
+            "--mdp-version",
+            type=click.Choice(["0.1", "0.2"]),
+            envvar="MDP_CLIENT_MDP_VERSION",
+            show_envvar=True,
+            help="MDP client protocol: 0.2 streams progress and output, 0.1 (RFC 7) does not. "
+            "[default: 0.2]",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+class Connection:
+    """The broker options, merged from the group and a subcommand (the subcommand wins)."""
+
+    def __init__(self, params: dict[str, Any], parent: Connection | None = None) -> None:
+        def pick(name: str, default: Any) -> Any:
+            value = params.get(name)
+            if value is not None and value != ():
+                return value
+            return getattr(parent, name) if parent is not None else default
+
+        self.brokers: list[str] = list(pick("brokers", (DEFAULT_ENDPOINT,)))
+        self.timeout: float = pick("timeout", DEFAULT_TIMEOUT)
+        self.retries: int = pick("retries", DEFAULT_RETRIES)
+        self.mdp_version: str = pick("mdp_version", "0.2")
+
+    def client(self, brokers: Sequence[str] | None = None, context: Any = None) -> Client:
+        return Client(
+            list(brokers or self.brokers),
+            version=self.mdp_version,
+            timeout=self.timeout,
+            retries=self.retries,
+            context=context,
+        )
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings=CONTEXT,
+    help=MAIN_HELP,
+    subcommand_metavar="[services | ping SERVICE]",
+)
+@click.option(
+    "-f",
+    "--file",
+    "path",
+    metavar="FILE",
+    envvar="MDP_CLIENT_FILE",
+    show_envvar=True,
+    help="Commands file (JSON: one command or a list); - reads standard input.",
+)
+@connection_options
+@click.option(
+    "--parallel",
+    type=click.IntRange(min=1, max=10_000),
+    default=16,
+    show_default=True,
+    envvar="MDP_CLIENT_PARALLEL",
+    show_envvar=True,
+    help="How many commands may run at once.",
+)
+@click.option(
+    "--stream",
+    is_flag=True,
+    envvar="MDP_CLIENT_STREAM",
+    show_envvar=True,
+    help="Show output live as it arrives, each line prefixed by its command.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="MDP_CLIENT_JSON",
+    show_envvar=True,
+    help="Print one JSON document with every result (nothing else on stdout).",
+)
+@click.option(
+    "--jsonl",
+    "as_jsonl",
+    is_flag=True,
+    envvar="MDP_CLIENT_JSONL",
+    show_envvar=True,
+    help="Print one JSON object per command as it finishes (nothing else on stdout).",
+)
+@click.option(
+    "--retry-started",
+    is_flag=True,
+    envvar="MDP_CLIENT_RETRY_STARTED",
+    show_envvar=True,
+    help="Re-send a command that went silent after it started (same request_id: a worker "
+    "that already ran it answers from its cache; another worker would run it again).",
+)
+@click.option(
+    "--embedded",
+    is_flag=True,
+    envvar="MDP_CLIENT_EMBEDDED",
+    show_envvar=True,
+    help="Start a broker and one worker per needed service inside this process, run FILE, "
+    "exit. Needs no other process; -a is ignored.",
+)
+@click.version_option(__version__, "-V", "--version", prog_name=PROG)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    /,
+    path: str | None,
+    parallel: int,
+    stream: bool,
+    as_json: bool,
+    as_jsonl: bool,
+    retry_started: bool,
+    embedded: bool,
+    **params: Any,
+) -> None:
+    connection = Connection(params)
+    ctx.obj = connection
+    if ctx.invoked_subcommand is not None:
+        if path is not None:
+            raise click.UsageError(
+                f"-f/--file runs commands; it cannot go with {ctx.invoked_subcommand!r}"
+            )
+        return
+    if path is None:
+        raise click.UsageError(
+            "give a commands file with -f FILE (or -f - for stdin), or a subcommand"
+        )
+    if as_json and as_jsonl:
+        raise click.UsageError("--json and --jsonl exclude each other")
+    if stream and (as_json or as_jsonl):
+        raise click.UsageError("--stream shows output for humans; it cannot go with --json/--jsonl")
+    try:
+        specs = load_commands(path)
+    except InputError as exc:
+        for problem in exc.problems:
+            click.echo(f"{PROG}: {problem}", err=True)
+        sys.exit(exc.exit_code)
+    mode = "json" if as_json else "jsonl" if as_jsonl else "human"
+    settings = RunSettings(parallel=parallel, retry_started=retry_started, stream=stream)
+    sys.exit(_run_sync(_run_file(specs, connection, settings, mode, embedded)))
+
+
+def _run_sync(coroutine: Any) -> int:
+    try:
+        return int(asyncio.run(coroutine))
+    except KeyboardInterrupt:
+        click.echo(f"{PROG}: interrupted", err=True)
+        return 130
+
+
+async def _run_file(
+    specs: list[CommandSpec],
+    connection: Connection,
+    settings: RunSettings,
+    mode: str,
+    embedded: bool,
+) -> int:
+    with _brokers(connection, specs, embedded) as (brokers, context):
+        client = connection.client(brokers, context)
+        try:
+            try:
+                warnings = await check_services(client, [spec.command_type for spec in specs])
+            except ServiceCheckFailed as exc:
+                for problem in exc.problems:
+                    click.echo(f"{PROG}: {problem}", err=True)
+                return ExitCode.UNAVAILABLE
+            for warning in warnings:
+                click.echo(f"{PROG}: warning: {warning}", err=True)
+            report = _report(mode, specs, settings.stream)
+            start = time.monotonic()
+            with report:
+                outcomes = await run_commands(client, specs, settings, report)
+            report.close(outcomes, time.monotonic() - start)
+            return exit_code_for(outcomes)
+        finally:
+            client.close()
+
+
+@contextmanager
+def _brokers(
+    connection: Connection, specs: list[CommandSpec], embedded: bool
+) -> Iterator[tuple[list[str], Any]]:
+    """The broker endpoints to use (and a zmq context to share): embedded or given."""
+    if not embedded:
+        yield connection.brokers, None
+        return
+    from clients.embedded import embedded_system
+
+    with embedded_system(sorted({spec.command_type for spec in specs})) as system:
+        yield [system.endpoint], system.context
+
+
+def _report(mode: str, specs: list[CommandSpec], stream: bool) -> Report:
+    if mode == "json":
+        return JsonReport()
+    if mode == "jsonl":
+        return JsonLinesReport()
+    err = QuietConsole(stderr=True, highlight=False)
+    return HumanReport(specs, stream=stream, progress=err.is_terminal, err=err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+
+
+@main.command(
+    context_settings=CONTEXT,
+    epilog="Exit codes: 0 ok; 69 no broker answered; 1 the broker has no mmi.services.",
+)
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_obj
+def services(parent: Connection, /, as_json: bool, **params: Any) -> None:
+    """List the services the broker knows, with their workers and queued requests (mmi.services)."""
+    connection = Connection(params, parent)
+
+    async def ask() -> int:
+        client = connection.client()
+        try:
+            found = await client.services()
+        except RequestTimeout:
+            _no_broker(connection)
+        except MMINotImplemented:
+            _fail("the broker does not implement mmi.services", ExitCode.FAILED)
+        except MDPError as exc:
+            _fail(f"bad mmi.services answer: {exc}", ExitCode.FAILED)
+        finally:
+            client.close()
+        if as_json:
+            import json
+
+            click.echo(
+                json.dumps(
+                    [{"name": s.name, "workers": s.workers, "queued": s.queued} for s in found]
+                )
+            )
+            return 0
+        console = Console(highlight=False)
+        if not found:
+            console.print("no services registered")
+            return 0
+        table = Table("service", "workers", "queued", box=None)
+        for service in sorted(found, key=lambda s: s.name):
+            table.add_row(service.name, str(service.workers), str(service.queued))
+        console.print(table)
+        return 0
+
+    sys.exit(_run_sync(ask()))
+
+
+@main.command(
+    context_settings=CONTEXT,
+    epilog="Exit codes: 0 the service has a worker; 69 it has none, or no broker answered.",
+)
+@click.argument("service")
+@connection_options
+@click.pass_obj
+def ping(parent: Connection, /, service: str, **params: Any) -> None:
+    """Ask the broker whether SERVICE has at least one worker (mmi.service, RFC 8)."""
+    connection = Connection(params, parent)
+
+    async def ask() -> int:
+        client = connection.client()
+        start = time.monotonic()
+        try:
+            found = await client.service_exists(service)
+        except RequestTimeout:
+            _no_broker(connection)
+        except MDPError as exc:
+            _fail(f"bad mmi.service answer: {exc}", ExitCode.FAILED)
+        finally:
+            client.close()
+        ms = (time.monotonic() - start) * 1000
+        if found:
+            click.echo(f"{service}: available (200 in {ms:.1f} ms)")
+            return 0
+        click.echo(f"{service}: unknown to the broker, no worker registered (404 in {ms:.1f} ms)")
+        return ExitCode.UNAVAILABLE
+
+    sys.exit(_run_sync(ask()))
+
+
+def _no_broker(connection: Connection) -> NoReturn:
+    tries = connection.retries + 1
+    _fail(
+        f"no broker answered at {', '.join(connection.brokers)} "
+        f"({tries} attempt{'s' if tries > 1 else ''}, {connection.timeout:g} s each)",
+        ExitCode.UNAVAILABLE,
+    )
