@@ -1,9 +1,251 @@
-"""`mdp-worker`: host one or more services on an MDP broker."""
+"""`mdp-worker`: host one or more services on an MDP broker. Parses options, builds, runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+from typing import ClassVar
 
 import click
+import zmq
+
+from mdp import __version__, logs
+from mdp.protocol import Version
+from mdp.worker import WorkerOptions, serve
+from services.command import DEFAULT_MAX_TIMEOUT, DEFAULT_TIMEOUT, CommandSettings
+from services.execution import Limits
+from services.registry import BUILTIN, ServiceSpecError, load_services
+
+CONTEXT = {
+    "help_option_names": ["-h", "--help"],
+    "auto_envvar_prefix": "MDP_WORKER",
+    "max_content_width": 100,
+}
+
+log = logging.getLogger("mdp.worker")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Host a service (os, shell, echo) on an MDP broker. Not yet implemented."""
-    raise click.ClickException("not yet implemented")
+class ByteSize(click.ParamType):
+    """A number of bytes: 1048576, 512K, 1M, 1MiB, 2G (powers of 1024)."""
+
+    name = "BYTES"
+    _UNITS: ClassVar[dict[str, int]] = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+        if match is None:
+            self.fail(f"{value!r} is not a size like 1048576, 512K or 1M", param, ctx)
+        return int(match[1]) * self._UNITS[match[2].lower()]
+
+
+def _check_endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if "://" not in value:
+        raise click.BadParameter(f"{value!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.connect(value)  # nothing is sent; this only checks the endpoint's syntax
+    except zmq.ZMQError as exc:
+        raise click.BadParameter(f"cannot connect to {value!r}: {exc}") from None
+    finally:
+        sock.close(linger=0)
+    return value
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "-s",
+    "--service",
+    "services",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    envvar="MDP_WORKER_SERVICE",
+    show_envvar=True,
+    help="Service to host: os (run commands directly), shell (through /bin/sh), echo, or a "
+    "user service as module:function or NAME=module:function. Repeat for several services "
+    "(in the environment variable: separated by spaces).",
+)
+@click.option(
+    "-b",
+    "--broker",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    show_envvar=True,
+    metavar="ENDPOINT",
+    callback=_check_endpoint,
+    help="The broker's ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH).",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    show_envvar=True,
+    help="Independent broker connections per service. MDP gives a connection one request at "
+    "a time, so this is how many requests of a service this process runs at once.",
+)
+@click.option(
+    "--max-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_MAX_TIMEOUT,
+    show_default=True,
+    show_envvar=True,
+    metavar="SECONDS",
+    help="No command runs longer than this, whatever its request's timeout says.",
+)
+@click.option(
+    "--default-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    show_envvar=True,
+    metavar="SECONDS",
+    help="Timeout of a command whose request gives none (capped by --max-timeout).",
+)
+@click.option(
+    "--max-output",
+    type=ByteSize(),
+    default="1M",
+    show_default=True,
+    show_envvar=True,
+    help="Bytes of stdout, and of stderr, kept per command (K/M/G = KiB/MiB/GiB). The rest is "
+    "read and discarded, and the result says truncated.",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0.01),
+    default=2.0,
+    show_default=True,
+    show_envvar=True,
+    metavar="SECONDS",
+    help="A silent command sends a progress PARTIAL this often (MDP/0.2).",
+)
+@click.option(
+    "--mdp-version",
+    type=click.Choice([v.value for v in Version]),
+    default=Version.V02.value,
+    show_default=True,
+    show_envvar=True,
+    help="0.2 (RFC 18) streams PARTIALs; 0.1 (RFC 7) sends only the final reply.",
+)
+@click.option(
+    "--heartbeat-ms",
+    type=click.IntRange(min=1),
+    default=2500,
+    show_default=True,
+    show_envvar=True,
+    help="Heartbeat interval; must match the broker's --heartbeat-ms.",
+)
+@click.option(
+    "--liveness",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    show_envvar=True,
+    help="The broker is presumed dead after heartbeat x liveness of silence; the worker then "
+    "reconnects (backing off up to 4 s). Must match the broker's --liveness.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    show_envvar=True,
+    metavar="SECONDS",
+    help="On SIGINT/SIGTERM, how long running requests may still take before they are "
+    "cancelled (a second signal cancels them at once).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(logs.LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    show_envvar=True,
+    help="INFO logs registrations, reconnections and one line per command; DEBUG every frame.",
+)
+@click.option("--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr.")
+@click.version_option(__version__, "-V", "--version", prog_name="mdp-worker")
+def main(
+    services: tuple[str, ...],
+    broker: str,
+    concurrency: int,
+    max_timeout: float,
+    default_timeout: float,
+    max_output: int,
+    progress_interval: float,
+    mdp_version: str,
+    heartbeat_ms: int,
+    liveness: int,
+    grace: float,
+    log_level: str,
+    log_json: bool,
+) -> None:
+    """Host services on an MDP broker: run the commands clients send to "os" and "shell".
+
+    \b
+    Built-in services:
+      os      runs [command_name, *parameters] directly; no shell sees the arguments
+      shell   runs command_name with /bin/sh -c; each parameter is passed to it as one
+              word ("$@"), never parsed by the shell
+      echo    replies with the request body (for tests and benchmarks)
+
+    Each command runs in its own process group with a minimal environment (PATH, HOME,
+    LANG=C.UTF-8, plus the request's env). On timeout the whole group gets SIGTERM, then
+    SIGKILL. Output is kept as bytes, capped per stream. Results of requests with a
+    request_id are remembered, so a retried request is never run twice by this process.
+    The body format is described in spec/command-service.md.
+
+    Every option can also be set from an environment variable, shown in brackets (for
+    example MDP_WORKER_CONCURRENCY=4). SIGINT or SIGTERM stops taking requests, lets running
+    ones finish (see --grace), sends DISCONNECT and exits 0.
+
+    \b
+    Examples:
+      mdp-worker --service shell --service os
+      mdp-worker -s echo --broker tcp://10.0.0.5:5555 --concurrency 8
+      mdp-worker -s upper=mypackage.handlers:upper
+    """
+    logs.configure(log_level, log_json)
+    settings = CommandSettings(
+        default_timeout=default_timeout,
+        max_timeout=max_timeout,
+        limits=Limits(max_output=max_output, progress_interval=progress_interval),
+    )
+    specs = [word for value in services for word in value.split()]
+    try:
+        hosted = load_services(specs, settings)
+    except ServiceSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--service'") from None
+    options = WorkerOptions(
+        broker=broker,
+        version=Version(mdp_version),
+        heartbeat_interval=heartbeat_ms / 1000,
+        liveness=liveness,
+        grace=grace,
+    )
+    log.info(
+        "serving %s on %s (MDP/%s, %d connection%s each, pid %d)",
+        ", ".join(s.name for s in hosted),
+        broker,
+        mdp_version,
+        concurrency,
+        "" if concurrency == 1 else "s",
+        os.getpid(),
+    )
+    try:
+        asyncio.run(serve(hosted, options, concurrency))
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        sys.exit(130)
+    log.info("stopped")
+    sys.exit(0)
+
+
+__all__ = ["BUILTIN", "main"]

@@ -1,0 +1,271 @@
+"""The "os" and "shell" command services: validate the request body, protect against
+duplicates, run the process, stream its progress, and answer with a CommandResult.
+
+"os" executes `[command_name, *parameters]` directly: no shell ever sees the arguments.
+"shell" runs `/bin/sh -c SCRIPT sh PARAMETERS...` where SCRIPT is `command_name` followed by
+`"$@"` when there are parameters: the shell interprets `command_name` and hands each parameter
+to it as one word, never parsing it. `spec/command-service.md` is the user-facing description.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import pwd
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mdp.worker import Request, Service
+from services.bodies import (
+    BodyError,
+    CommandRequest,
+    CommandResult,
+    Output,
+    Progress,
+    Started,
+    WorkerInfo,
+    pack,
+    parse_request,
+    unpack_map,
+)
+from services.dedup import RequestCache
+from services.execution import Emit, Limits, Outcome, run_process
+
+__all__ = [
+    "SHELL",
+    "CommandService",
+    "CommandSettings",
+    "base_environment",
+    "command_argv",
+]
+
+log = logging.getLogger("services.command")
+
+Mode = Literal["os", "shell"]
+
+SHELL = "/bin/sh"
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSettings:
+    """The worker's policy for command requests (from the mdp-worker options)."""
+
+    default_timeout: float = DEFAULT_TIMEOUT
+    """Used when a request has no `timeout` (still capped by `max_timeout`)."""
+    max_timeout: float = DEFAULT_MAX_TIMEOUT
+    """No command runs longer, whatever its request says."""
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.default_timeout <= 0 or self.max_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+def base_environment() -> dict[str, str]:
+    """The minimal environment every command starts from: PATH and HOME of the worker (with
+    fallbacks) and LANG=C.UTF-8. The request's `env` is added on top."""
+    home = os.environ.get("HOME")
+    if not home:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = "/"
+    return {
+        "PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin",
+        "HOME": home,
+        "LANG": "C.UTF-8",
+    }
+
+
+def command_argv(mode: Mode, request: CommandRequest) -> list[str]:
+    """The argv that runs `request` under `mode` (see the module docstring)."""
+    if mode == "os":
+        return [request.command_name, *request.parameters]
+    script = request.command_name
+    if request.parameters:
+        script += ' "$@"'
+    # $0 is "sh"; the parameters become $1..$n and reach the command as separate words.
+    return [SHELL, "-c", script, "sh", *request.parameters]
+
+
+def _request_digest(request: CommandRequest) -> bytes:
+    return hashlib.sha256(pack(request.model_dump())).digest()
+
+
+def _peek_request_id(body: list[bytes]) -> str | None:
+    """The request_id of a body that failed validation, if it carries a usable one."""
+    if len(body) != 1:
+        return None
+    try:
+        value = unpack_map(body[0]).get("request_id")
+    except BodyError:
+        return None
+    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
+
+
+class CommandService:
+    """The handler of the "os" or "shell" service. Use `.service()` to get the `Service`."""
+
+    def __init__(
+        self,
+        mode: Mode,
+        settings: CommandSettings | None = None,
+        cache: RequestCache | None = None,
+    ) -> None:
+        if mode not in ("os", "shell"):
+            raise ValueError(f"unknown command mode {mode!r}")
+        self.mode: Mode = mode
+        self.settings = settings or CommandSettings()
+        self.cache = cache if cache is not None else RequestCache()
+        self.host = socket.gethostname()
+        self.environment = base_environment()
+
+    def service(self, name: str | None = None) -> Service:
+        return Service(name or self.mode, self, self.error_reply)
+
+    def _worker(self, request: Request) -> WorkerInfo:
+        return WorkerInfo(host=self.host, pid=os.getpid(), id=request.worker_id)
+
+    async def __call__(self, request: Request) -> list[bytes]:
+        worker = self._worker(request)
+        try:
+            command = parse_request(request.body)
+        except BodyError as exc:
+            # Nothing a client sends crashes the worker: a bad body is answered, field by field.
+            result = CommandResult(
+                status="invalid",
+                message=str(exc),
+                errors=exc.errors,
+                worker=worker,
+                request_id=_peek_request_id(request.body),
+            )
+            return [result.pack()]
+        if command.request_id is None:
+            await self._started(request, worker, None)
+            return [await self._execute(command, request, worker)]
+
+        key = (request.service, command.request_id)
+        digest = _request_digest(command)
+        entry = self.cache.get(key)
+        if entry is not None:
+            if entry.digest != digest:
+                result = CommandResult(
+                    status="rejected",
+                    message="request_id was already used for a different request",
+                    worker=worker,
+                    request_id=command.request_id,
+                )
+                return [result.pack()]
+            log.info("%s: duplicate request_id %r, not run again", worker.id, command.request_id)
+            await self._started(request, worker, command.request_id)
+            return [await self._follow(entry.done, request, worker, command.request_id)]
+
+        entry = self.cache.begin(key, digest)
+        try:
+            await self._started(request, worker, command.request_id)
+            final = await self._execute(command, request, worker)
+        except BaseException:
+            self.cache.abandon(key, entry)
+            raise
+        self.cache.finish(key, entry, final)
+        return [final]
+
+    async def _started(self, request: Request, worker: WorkerInfo, request_id: str | None) -> None:
+        if request.streaming:
+            await request.partial([Started(worker=worker, request_id=request_id).pack()])
+
+    async def _execute(
+        self, command: CommandRequest, request: Request, worker: WorkerInfo
+    ) -> bytes:
+        settings = self.settings
+        wanted = command.timeout if command.timeout is not None else settings.default_timeout
+        timeout = min(wanted, settings.max_timeout)
+        env = {**self.environment, **(command.env or {})}
+        emit: Emit | None = None
+        if request.streaming:
+
+            async def emit(event: Output | Progress) -> None:
+                await request.partial([event.pack()])
+
+        outcome: Outcome = await run_process(
+            command_argv(self.mode, command),
+            env=env,
+            timeout=timeout,
+            limits=settings.limits,
+            cwd=command.cwd,
+            stdin=command.stdin,
+            emit=emit,
+        )
+        message = outcome.message
+        if outcome.status == "timeout" and wanted > settings.max_timeout:
+            message = f"{message} (the request asked for {wanted:g}s; this worker allows at most "
+            message += f"{settings.max_timeout:g}s)"
+        result = CommandResult(
+            status=outcome.status,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            truncated=outcome.truncated,
+            duration_ms=outcome.duration_ms,
+            worker=worker,
+            request_id=command.request_id,
+            message=message,
+        )
+        log.info(
+            "%s: %s %r -> %s%s in %.0f ms",
+            worker.id,
+            self.mode,
+            command.command_name[:80],
+            outcome.status,
+            f" (exit {outcome.exit_code})" if outcome.exit_code else "",
+            outcome.duration_ms,
+        )
+        return result.pack()
+
+    async def _follow(
+        self,
+        done: asyncio.Future[bytes | None],
+        request: Request,
+        worker: WorkerInfo,
+        request_id: str,
+    ) -> bytes:
+        """Wait for the run in progress (sending Progress while it lasts), return its FINAL."""
+        started = time.monotonic()
+        interval = self.settings.limits.progress_interval
+        while not done.done():
+            await asyncio.wait({done}, timeout=interval)
+            if not done.done() and request.streaming:
+                elapsed = round((time.monotonic() - started) * 1000, 1)
+                await request.partial([Progress(elapsed_ms=elapsed).pack()])
+        final = done.result()
+        if final is not None:
+            return final
+        result = CommandResult(
+            status="error",
+            message="the first run of this request_id was interrupted (worker shutting down)",
+            worker=worker,
+            request_id=request_id,
+        )
+        return result.pack()
+
+    def error_reply(self, request: Request, exc: BaseException) -> list[bytes]:
+        """FINAL when the handler itself failed (a bug) or was cancelled at shutdown."""
+        if isinstance(exc, asyncio.CancelledError):
+            message = "the worker shut down before the command finished; it was killed"
+        else:
+            message = f"internal error in the worker: {type(exc).__name__}"
+        result = CommandResult(
+            status="error",
+            message=message,
+            worker=self._worker(request),
+            request_id=_peek_request_id(request.body),
+        )
+        return [result.pack()]

@@ -1,0 +1,343 @@
+"""Running one command as a child process: its own session, a timeout that kills the whole
+process group, capped byte-exact output, streaming of output and progress while it runs.
+
+No MDP and no request parsing here (that is `services.command`): `run_process` takes an argv
+and returns an `Outcome`. Everything it waits for is bounded:
+
+    start      Popen in a new session (so its pid is also its process group id); failures to
+               start (not found, permission denied, bad cwd) become status "error"
+    run        until the leader exits or the timeout passes; stdout/stderr are read as they
+               come (each capped at `max_output`, the rest read and discarded so the child
+               never blocks on a full pipe), coalesced into Output events at most every
+               `flush_interval`, and a Progress event goes out after `progress_interval` of
+               silence
+    timeout    SIGTERM to the group; once the leader has exited and the pipes are closed, or
+               after `kill_grace`, SIGKILL to the group
+    drain      after the leader exits, the pipes get `drain_time` to reach end-of-file; if
+               something in the group still holds them open (a background grandchild), the
+               group is SIGKILLed and the pipes are closed after at most another `drain_time`
+
+Output is never decoded. Child processes are reaped with `Popen.poll` and found to have exited
+through a pidfd where the kernel has them (Linux >= 5.3), by polling every 50 ms elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Literal
+
+from services.bodies import Output, Progress
+
+__all__ = ["Emit", "Limits", "Outcome", "run_process"]
+
+Emit = Callable[[Output | Progress], Awaitable[None]]
+"""Receives the streaming events of a running command, in order."""
+
+RunStatus = Literal["ok", "failed", "timeout", "error"]
+
+_READ_SIZE = 64 * 1024
+_POLL_EXIT = 0.05  # how often the exit is polled where no pidfd is available
+_WRITE_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How one command is run. Times in seconds, sizes in bytes."""
+
+    max_output: int = 1024 * 1024
+    """Bytes kept per stream (stdout, stderr); the rest is read and discarded."""
+    kill_grace: float = 1.0
+    """Between SIGTERM and SIGKILL when the timeout passes."""
+    drain_time: float = 0.5
+    """After the command exits, how long its pipes may stay open before the group is killed."""
+    flush_interval: float = 0.05
+    """Output is coalesced into Output events at most this often (or every `chunk_size`)."""
+    chunk_size: int = 64 * 1024
+    """Largest Output event."""
+    progress_interval: float = 2.0
+    """A Progress event is sent after this long without any event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a command ended. `exit_code` or `signal` is set once the process has ended."""
+
+    status: RunStatus
+    exit_code: int | None = None
+    signal: int | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    truncated: bool = False
+    duration_ms: float = 0.0
+    message: str | None = None
+
+
+class _Capture:
+    """One output pipe: the kept bytes (at most `cap`), the part not yet streamed, and EOF."""
+
+    def __init__(self, name: Literal["stdout", "stderr"], pipe: IO[bytes], cap: int) -> None:
+        self.name = name
+        self.pipe = pipe
+        self.fd = pipe.fileno()
+        self.cap = cap
+        self.kept = bytearray()
+        self.pending = bytearray()
+        self.truncated = False
+        self.eof = False
+        os.set_blocking(self.fd, False)
+
+    def feed(self, data: bytes) -> None:
+        room = self.cap - len(self.kept)
+        if room > 0:
+            part = data[:room]
+            self.kept += part
+            self.pending += part
+        if len(data) > room:
+            self.truncated = True  # the rest is dropped: read, never stored
+
+
+class _Run:
+    """The state of one running process and the loop callbacks that feed it."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], stdin: bytes | None, limits: Limits, emit: Emit | None
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.proc = proc
+        self.limits = limits
+        self.emit = emit
+        self.started = time.monotonic()
+        self.last_event = self.started
+        self.last_flush = self.started
+        self.changed = asyncio.Event()
+        assert proc.stdout is not None and proc.stderr is not None
+        self.captures = [
+            _Capture("stdout", proc.stdout, limits.max_output),
+            _Capture("stderr", proc.stderr, limits.max_output),
+        ]
+        for capture in self.captures:
+            self.loop.add_reader(capture.fd, self._on_readable, capture)
+        self.stdin = memoryview(stdin or b"")
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)
+            self.loop.add_writer(proc.stdin.fileno(), self._on_writable)
+        self.pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self.pidfd = os.pidfd_open(proc.pid)
+            self.loop.add_reader(self.pidfd, self._on_exit)
+
+    # -- loop callbacks --------------------------------------------------------------------
+
+    def _on_readable(self, capture: _Capture) -> None:
+        try:
+            data = os.read(capture.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_capture(capture)
+            self.changed.set()
+            return
+        capture.feed(data)
+        if len(capture.pending) >= self.limits.chunk_size:
+            self.changed.set()
+
+    def _on_exit(self) -> None:
+        if self.pidfd is not None:  # readable for good once the process exited: stop watching
+            self.loop.remove_reader(self.pidfd)
+        self.changed.set()
+
+    def _on_writable(self) -> None:
+        pipe = self.proc.stdin
+        assert pipe is not None
+        try:
+            written = os.write(pipe.fileno(), self.stdin[:_WRITE_SIZE])
+        except BlockingIOError:
+            return
+        except OSError:  # the command closed its stdin (EPIPE) or exited: stop feeding it
+            written = len(self.stdin)
+        self.stdin = self.stdin[written:]
+        if not self.stdin:
+            self._close_stdin()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    @property
+    def pipes_closed(self) -> bool:
+        return all(c.eof for c in self.captures)
+
+    def _close_capture(self, capture: _Capture) -> None:
+        if not capture.eof:
+            capture.eof = True
+            self.loop.remove_reader(capture.fd)
+            capture.pipe.close()
+
+    def _close_stdin(self) -> None:
+        pipe = self.proc.stdin
+        if pipe is not None and not pipe.closed:
+            self.loop.remove_writer(pipe.fileno())
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    def close(self) -> None:
+        """Release every descriptor and loop callback (idempotent)."""
+        for capture in self.captures:
+            self._close_capture(capture)
+        self._close_stdin()
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)  # no-op if already removed
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def kill_group(self, sig: signal.Signals) -> None:
+        # The process was started in a new session: its pid is its process group id.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    async def until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Stream output until `done()` or `deadline`; True if `done()` became true."""
+        while True:
+            await self.flush(force=False)
+            if done():
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            wake = min(deadline, self.last_event + self.limits.progress_interval)
+            if any(c.pending for c in self.captures):
+                wake = min(wake, self.last_flush + self.limits.flush_interval)
+            if self.pidfd is None and not self.exited:
+                wake = min(wake, now + _POLL_EXIT)
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout=max(0.0, wake - now))
+
+    async def flush(self, force: bool) -> None:
+        """Send pending output as Output events (when due), or a Progress event after silence."""
+        now = time.monotonic()
+        due = force or now >= self.last_flush + self.limits.flush_interval
+        for capture in self.captures:
+            while capture.pending and (due or len(capture.pending) >= self.limits.chunk_size):
+                data = bytes(capture.pending[: self.limits.chunk_size])
+                del capture.pending[: self.limits.chunk_size]
+                self.last_flush = self.last_event = now
+                if self.emit is not None:
+                    await self.emit(Output(stream=capture.name, data=data))
+        if now >= self.last_event + self.limits.progress_interval:
+            self.last_event = now
+            if self.emit is not None:
+                await self.emit(Progress(elapsed_ms=round((now - self.started) * 1000, 1)))
+
+
+def _start_error(exc: OSError, argv: list[str], cwd: str | None) -> str:
+    about_cwd = cwd is not None and exc.filename == cwd
+    if isinstance(exc, FileNotFoundError):
+        return f"working directory not found: {cwd}" if about_cwd else f"not found: {argv[0]}"
+    if isinstance(exc, PermissionError):
+        return (
+            f"permission denied: working directory {cwd}"
+            if about_cwd
+            else f"permission denied: {argv[0]}"
+        )
+    if isinstance(exc, NotADirectoryError) and about_cwd:
+        return f"not a directory: {cwd}"
+    return f"cannot start {argv[0]}: {exc.strerror or exc}"
+
+
+async def run_process(
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    limits: Limits,
+    cwd: str | None = None,
+    stdin: bytes | None = None,
+    emit: Emit | None = None,
+) -> Outcome:
+    """Run `argv` (no shell involved) and return how it ended. Never raises for anything the
+    command does; cancellation kills the process group and re-raises."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        return Outcome(
+            "error",
+            duration_ms=_ms(started),
+            message=_start_error(exc, argv, cwd),
+        )
+    except (ValueError, TypeError) as exc:  # e.g. an embedded NUL the models did not catch
+        return Outcome("error", duration_ms=_ms(started), message=f"cannot start: {exc}")
+
+    run = _Run(proc, stdin, limits, emit)
+    message: str | None = None
+    try:
+        deadline = run.started + timeout
+        timed_out = not await run.until(lambda: run.exited, deadline)
+        finished = lambda: run.exited and run.pipes_closed  # noqa: E731
+        if timed_out:
+            run.kill_group(signal.SIGTERM)
+            await run.until(finished, time.monotonic() + limits.kill_grace)
+            run.kill_group(signal.SIGKILL)
+            await run.until(finished, time.monotonic() + limits.drain_time)
+            message = f"timed out after {timeout:g}s; the process group was killed"
+        elif not await run.until(lambda: run.pipes_closed, time.monotonic() + limits.drain_time):
+            run.kill_group(signal.SIGKILL)
+            await run.until(lambda: run.pipes_closed, time.monotonic() + limits.drain_time)
+            message = (
+                "processes left in the background kept the output open after the command "
+                "exited; they were killed"
+            )
+        await run.flush(force=True)
+    except BaseException:  # cancelled (worker shutdown): take the whole group down with us
+        run.kill_group(signal.SIGKILL)
+        raise
+    finally:
+        run.close()
+    stdout, stderr = (bytes(c.kept) for c in run.captures)
+    truncated = any(c.truncated for c in run.captures)
+    returncode = proc.poll()
+    if returncode is None:  # still not dead after SIGKILL (uninterruptible sleep)
+        message = f"{message or 'killed'} (the process did not die yet; it is reaped later)"
+    exit_code = returncode if returncode is not None and returncode >= 0 else None
+    sig = -returncode if returncode is not None and returncode < 0 else None
+    if timed_out:
+        status: RunStatus = "timeout"
+    else:
+        status = "ok" if returncode == 0 else "failed"
+    return Outcome(
+        status,
+        exit_code=exit_code,
+        signal=sig,
+        stdout=stdout,
+        stderr=stderr,
+        truncated=truncated,
+        duration_ms=_ms(started),
+        message=message,
+    )
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 1)
