@@ -1,0 +1,181 @@
+"""The brokers under test: start one as a separate process, read its CPU and memory, stop it.
+
+Both brokers run as `python -m ...` children of the benchmark, bound to a free loopback port,
+with per-message logging off: ours with `--log-level WARNING`, majortomo with a logging config
+at WARNING (its default is INFO, which formats and writes a line for every PARTIAL and FINAL).
+CPU time is user+system of the broker's own process, read with psutil by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+import psutil
+
+BrokerKind = Literal["ours", "majortomo"]
+BROKERS: Final[tuple[BrokerKind, ...]] = ("ours", "majortomo")
+LABELS: Final[dict[str, str]] = {"ours": "ours (mdp)", "majortomo": "majortomo 0.2.0"}
+
+STARTUP_TIMEOUT = 15.0
+STOP_GRACE = 1.0
+
+_MAJORTOMO_LOGGING = """\
+logging:
+  root:
+    level: WARNING
+  handlers:
+    console:
+      level: WARNING
+"""
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class BrokerProcess:
+    """A running broker: its endpoint, its process, and readings of its resource use."""
+
+    kind: BrokerKind
+    endpoint: str
+    command: list[str]
+    popen: subprocess.Popen[bytes]
+    process: psutil.Process
+    stderr_path: Path
+    _workdir: tempfile.TemporaryDirectory[str] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        """The broker's process id."""
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the broker process has used so far."""
+        times = self.process.cpu_times()
+        return float(times.user + times.system)
+
+    def rss_bytes(self) -> int:
+        """The broker's resident set size now."""
+        return int(self.process.memory_info().rss)
+
+    def peak_rss_bytes(self) -> int:
+        """The broker's peak resident set size so far (VmHWM from /proc; RSS elsewhere)."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return self.rss_bytes()
+
+    def alive(self) -> bool:
+        """True while the broker process has not exited."""
+        return self.popen.poll() is None
+
+    def wait_idle(
+        self, threshold: float = 0.02, window: float = 0.3, timeout: float = 60.0
+    ) -> bool:
+        """Wait until the broker uses under `threshold` of a core over `window` seconds.
+
+        Returns False if it is still busy after `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            before = self.cpu_seconds()
+            time.sleep(window)
+            if self.cpu_seconds() - before < threshold * window:
+                return True
+        return False
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        """The end of what the broker wrote on stderr."""
+        with contextlib.suppress(OSError):
+            return self.stderr_path.read_text(errors="replace")[-limit:]
+        return ""
+
+    def stop(self) -> int | None:
+        """Stop the broker by PID: SIGTERM, a short grace, then SIGKILL. Returns its exit code.
+
+        majortomo only notices SIGTERM when its 2.5 s receive timeout ends, so it is usually
+        killed after the grace period; nothing is measured after this point.
+        """
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5.0)
+        self._workdir.cleanup()
+        return self.popen.returncode
+
+
+def broker_command(
+    kind: BrokerKind,
+    endpoint: str,
+    *,
+    max_queue: int | None = None,
+    request_ttl: float | None = None,
+    config_path: Path | None = None,
+) -> list[str]:
+    """The command line that starts broker `kind` on `endpoint`."""
+    if kind == "ours":
+        command = [sys.executable, "-m", "mdp.broker", "--bind", endpoint, "--log-level", "WARNING"]
+        if max_queue is not None:
+            command += ["--max-queue", str(max_queue)]
+        if request_ttl is not None:
+            command += ["--request-ttl", str(request_ttl)]
+        return command
+    command = [sys.executable, "-m", "majortomo.broker", "-b", endpoint]
+    if config_path is not None:
+        command += ["-c", str(config_path)]
+    return command
+
+
+def start_broker(
+    kind: BrokerKind, *, max_queue: int | None = None, request_ttl: float | None = None
+) -> BrokerProcess:
+    """Start broker `kind` on a free loopback port and wait until it accepts connections.
+
+    `max_queue` and `request_ttl` apply to our broker only (majortomo has neither limit).
+    """
+    workdir = tempfile.TemporaryDirectory(prefix=f"mdp-bench-{kind}-")
+    config_path = Path(workdir.name) / "majortomo-logging.yaml"
+    config_path.write_text(_MAJORTOMO_LOGGING)
+    stderr_path = Path(workdir.name) / "stderr.log"
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    command = broker_command(
+        kind, endpoint, max_queue=max_queue, request_ttl=request_ttl, config_path=config_path
+    )
+    with stderr_path.open("wb") as stderr:
+        popen = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    broker = BrokerProcess(
+        kind, endpoint, command, popen, psutil.Process(popen.pid), stderr_path, workdir
+    )
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not broker.alive():
+            tail = broker.stderr_tail()
+            broker.stop()
+            raise RuntimeError(f"{kind} broker exited at startup: {tail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return broker
+        except OSError:
+            time.sleep(0.05)
+    broker.stop()
+    raise RuntimeError(f"{kind} broker did not listen on {endpoint} within {STARTUP_TIMEOUT} s")
