@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -145,13 +145,12 @@ class Connection:
         self.retries: int = pick("retries", DEFAULT_RETRIES)
         self.mdp_version: str = pick("mdp_version", "0.2")
 
-    def client(self, brokers: Sequence[str] | None = None, context: Any = None) -> Client:
+    def client(self, brokers: Sequence[str] | None = None) -> Client:
         return Client(
             list(brokers or self.brokers),
             version=self.mdp_version,
             timeout=self.timeout,
             retries=self.retries,
-            context=context,
         )
 
 
@@ -275,8 +274,10 @@ async def _run_file(
     mode: str,
     embedded: bool,
 ) -> int:
-    with _brokers(connection, specs, embedded) as (brokers, context):
-        client = connection.client(brokers, context)
+    async with _brokers(connection, specs, embedded, settings.parallel) as brokers:
+        if brokers is None:
+            return ExitCode.UNAVAILABLE
+        client = connection.client(brokers)
         try:
             try:
                 warnings = await check_services(client, [spec.command_type for spec in specs])
@@ -296,18 +297,22 @@ async def _run_file(
             client.close()
 
 
-@contextmanager
-def _brokers(
-    connection: Connection, specs: list[CommandSpec], embedded: bool
-) -> Iterator[tuple[list[str], Any]]:
-    """The broker endpoints to use (and a zmq context to share): embedded or given."""
+@asynccontextmanager
+async def _brokers(
+    connection: Connection, specs: list[CommandSpec], embedded: bool, parallel: int
+) -> AsyncIterator[list[str] | None]:
+    """The broker endpoints to use: the given ones, or an embedded broker's (None: failed)."""
     if not embedded:
-        yield connection.brokers, None
+        yield connection.brokers
         return
-    from clients.embedded import embedded_system
+    from clients.embedded import EmbeddedError, embedded_system
 
-    with embedded_system(sorted({spec.command_type for spec in specs})) as system:
-        yield [system.endpoint], system.context
+    try:
+        async with embedded_system([spec.command_type for spec in specs], parallel) as system:
+            yield [system.endpoint]
+    except EmbeddedError as exc:
+        click.echo(f"{PROG}: {exc}", err=True)
+        yield None
 
 
 def _report(mode: str, specs: list[CommandSpec], stream: bool) -> Report:
