@@ -9,7 +9,8 @@ import zmq
 
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
-from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer
+from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
+from mdp.security import BrokerAuth, KeyFileError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
 
@@ -85,6 +86,39 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     help="INFO logs worker registrations and expiries; DEBUG also dumps every frame.",
 )
 @click.option("--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr.")
+@click.option(
+    "--curve-secret-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    metavar="FILE",
+    help="Turn on CURVE encryption and authentication with this key pair (the NAME.key_secret "
+    "file from `mdp-keys generate`). Needs --allow-clients and --allow-workers.",
+)
+@click.option(
+    "--allow-clients",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    show_envvar=True,
+    metavar="DIR",
+    help="Directory of client public keys (NAME.key) allowed to send requests. Re-read when "
+    "it changes: add or remove a key without a restart.",
+)
+@click.option(
+    "--allow-workers",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    show_envvar=True,
+    metavar="DIR",
+    help="Directory of worker public keys allowed to register services. Re-read when it changes.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    show_envvar=True,
+    help="Allow listening on a non-loopback address without CURVE. Anyone who can reach the "
+    "port can then run commands on the workers; a warning is logged on every start.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-broker")
 def main(
     binds: tuple[str, ...],
@@ -96,6 +130,10 @@ def main(
     max_msg_size: int,
     log_level: str,
     log_json: bool,
+    curve_secret_key: str | None,
+    allow_clients: str | None,
+    allow_workers: str | None,
+    insecure: bool,
 ) -> None:
     """Route MDP requests from clients to workers by service name.
 
@@ -106,11 +144,18 @@ def main(
     Every option can also be set from an environment variable, shown in brackets (for example
     MDP_BROKER_HEARTBEAT_MS=1000). SIGINT or SIGTERM sends DISCONNECT to every worker and exits.
 
+    Without CURVE the broker only listens on loopback, ipc:// or inproc:// endpoints; anything
+    else needs --curve-secret-key with --allow-clients and --allow-workers (or --insecure).
+    Keys are made with `mdp-keys`; see spec/security.md.
+
     \b
-    Example:
+    Examples:
       mdp-broker --bind tcp://127.0.0.1:5555
+      mdp-broker --bind tcp://0.0.0.0:5555 --curve-secret-key keys/broker.key_secret \\
+          --allow-clients allowed/clients --allow-workers allowed/workers
     """
     logs.configure(log_level, log_json)
+    auth = _curve(curve_secret_key, allow_clients, allow_workers, insecure)
     config = BrokerConfig(
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
@@ -118,10 +163,35 @@ def main(
         max_queue=max_queue,
         busy_timeout=busy_timeout,
     )
-    server = BrokerServer(binds, config, max_msg_size=max_msg_size)
+    server = BrokerServer(binds, config, max_msg_size=max_msg_size, auth=auth, insecure=insecure)
     try:
         server.bind()
+    except InsecureBindError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot listen on {', '.join(binds)}: {exc}") from None
     server.serve(handle_signals=True)
     sys.exit(0)
+
+
+def _curve(
+    secret_key: str | None, clients: str | None, workers: str | None, insecure: bool
+) -> BrokerAuth | None:
+    """The broker's CURVE set-up from the options, or None when CURVE is off."""
+    if secret_key is None:
+        if clients is not None or workers is not None:
+            raise click.UsageError("--allow-clients/--allow-workers need --curve-secret-key")
+        return None
+    if clients is None or workers is None:
+        raise click.UsageError(
+            "--curve-secret-key needs both --allow-clients DIR and --allow-workers DIR "
+            "(directories of public keys; see `mdp-keys allow --help`)"
+        )
+    if insecure:
+        click.echo("mdp-broker: --insecure is ignored: CURVE is on", err=True)
+    try:
+        return BrokerAuth.from_files(secret_key, clients, workers)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None

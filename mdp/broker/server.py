@@ -22,10 +22,14 @@ from types import FrameType
 from typing import Any
 
 import zmq
+from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
 from mdp.broker.core import BrokerConfig, BrokerCore
+from mdp.errors import MDPError
 from mdp.fastzmq import POLLIN, readable, recv_frames, send_frames
+from mdp.protocol import Command
+from mdp.security import BrokerAuth, exposed_endpoints, insecure_bind_help
 
 log = logging.getLogger("mdp.broker")
 
@@ -34,6 +38,15 @@ DEFAULT_SNDHWM = 10_000
 BATCH = 256
 SHUTDOWN_LINGER_MS = 500
 
+_recv: Any = _BackendSocket.recv
+_get: Any = _BackendSocket.get
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+class InsecureBindError(MDPError):
+    """The broker was asked to listen where other machines can reach it, without CURVE."""
+
 
 class BrokerServer:
     """An MDP broker serving clients and workers of every version on one ROUTER socket.
@@ -41,6 +54,10 @@ class BrokerServer:
     `serve()` blocks until `stop()` is called (from any thread) or, when `handle_signals` is
     true and it runs in the main thread, until SIGINT/SIGTERM. On the way out every worker gets
     DISCONNECT, and the socket closes with a short bounded linger so those can leave.
+
+    `auth` turns on CURVE with ZAP and the per-message role check (mdp.security,
+    spec/security.md). Without it, binding an endpoint other machines can reach raises
+    `InsecureBindError` before anything is bound, unless `insecure` is true.
     """
 
     def __init__(
@@ -51,6 +68,8 @@ class BrokerServer:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
         socket_setup: list[tuple[int, int | bytes]] | None = None,
+        auth: BrokerAuth | None = None,
+        insecure: bool = False,
     ) -> None:
         self.endpoints = list(endpoints)
         if not self.endpoints:
@@ -59,6 +78,8 @@ class BrokerServer:
         self.max_msg_size = max_msg_size
         self._context = context or zmq.Context.instance()
         self._socket_setup = socket_setup or []
+        self.auth = auth
+        self.insecure = insecure
         self._socket: zmq.Socket[bytes] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -73,10 +94,28 @@ class BrokerServer:
     def bind(self) -> list[str]:
         """Create the ROUTER socket and bind every endpoint; return the bound endpoints.
 
-        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed).
+        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed), and
+        InsecureBindError, before binding anything, for an exposed endpoint without `auth`.
         """
+        auth = self.auth
+        if auth is None:
+            exposed = exposed_endpoints(self.endpoints)
+            if exposed and not self.insecure:
+                raise InsecureBindError(insecure_bind_help(exposed))
+            if exposed:
+                log.warning(
+                    "INSECURE: listening on %s without authentication (--insecure): anyone "
+                    "who can reach it can run commands on the workers",
+                    ", ".join(exposed),
+                )
+        else:
+            # The ZAP handler must exist before the socket can accept a handshake (RFC 27).
+            auth.start(self._context)
         sock = self._context.socket(zmq.ROUTER)
         try:
+            if auth is not None:
+                for option, value in auth.socket_options():
+                    sock.setsockopt(option, value)
             sock.setsockopt(zmq.LINGER, 0)
             # Unroutable sends raise instead of vanishing, so we can count them.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -89,6 +128,8 @@ class BrokerServer:
                 self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
         except BaseException:
             sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
             raise
         self._socket = sock
         return self.bound
@@ -107,13 +148,16 @@ class BrokerServer:
         poll_items: list[tuple[Any, int]] = [(sock, POLLIN), (wake_fd, POLLIN)]
         clock = time.monotonic
         next_tick = core.tick(clock())
+        auth = self.auth
+        generation = auth.lists.generation if auth is not None else 0
         self.ready.set()
         log.info(
-            "broker serving on %s (heartbeat %d ms x %d, request TTL %g s)",
+            "broker serving on %s (heartbeat %d ms x %d, request TTL %g s, %s)",
             ", ".join(self.bound),
             round(core.config.heartbeat_interval * 1000),
             core.config.liveness,
             core.config.request_ttl,
+            "CURVE" if auth is not None else "no authentication",
         )
         try:
             while not self._stopping:
@@ -121,11 +165,17 @@ class BrokerServer:
                 events: list[tuple[Any, int]] = zmq_poll(poll_items, timeout)
                 # Drain in batches: one poll per wake-up, however many messages wait.
                 now = clock()
-                for _ in range(BATCH):
-                    if not readable(sock):
-                        break
-                    frames = recv_frames(sock)
-                    handle(frames[0], frames[1:], now)
+                if auth is None:
+                    for _ in range(BATCH):
+                        if not readable(sock):
+                            break
+                        frames = recv_frames(sock)
+                        handle(frames[0], frames[1:], now)
+                else:
+                    if auth.lists.generation != generation:
+                        generation = auth.lists.generation
+                        self._expel_revoked(auth, now)
+                    self._drain_authenticated(sock, auth, now)
                 if outbox:
                     self._flush(sock)
                 if len(events) > 1 or (events and events[0][0] == wake_fd):
@@ -133,6 +183,8 @@ class BrokerServer:
                 now = clock()
                 if now >= next_tick:
                     next_tick = core.tick(now)
+                    if auth is not None:
+                        auth.prune(core.workers)
                     if outbox:
                         self._flush(sock)
             core.disconnect_all()
@@ -140,11 +192,46 @@ class BrokerServer:
         finally:
             sock.close(linger=SHUTDOWN_LINGER_MS)
             self._socket = None
+            if auth is not None:
+                auth.stop()
             self._wake_r.close()
             self._wake_w.close()
             if restore is not None:
                 restore()
             log.info("broker stopped; counters: %s", core.stats.as_dict())
+
+    def _drain_authenticated(self, sock: zmq.Socket[bytes], auth: BrokerAuth, now: float) -> None:
+        """The drain loop under CURVE: each message's ZAP User-Id (the sender's public key)
+        is read from its first frame and checked against the current allow-lists."""
+        handle = self.core.handle
+        admit = auth.admit
+        for _ in range(BATCH):
+            if not readable(sock):
+                break
+            first = _recv(sock, _NOBLOCK, False)  # a zmq.Frame: it carries the metadata
+            frames = [first.bytes]
+            while _get(sock, _RCVMORE):
+                frames.append(_recv(sock, _NOBLOCK))
+            if admit(frames, first.get("User-Id")):
+                handle(frames[0], frames[1:], now)
+
+    def _expel_revoked(self, auth: BrokerAuth, now: float) -> None:
+        """The allow-lists changed: disconnect and forget workers whose key was revoked."""
+        core = self.core
+        for identity in auth.revoked_workers():
+            worker = core.workers.get(identity)
+            if worker is None:
+                continue
+            log.warning(
+                "worker %s (%s): its key was revoked; disconnected",
+                identity.hex(),
+                worker.service.name.decode("utf-8", "replace"),
+            )
+            # The core forgets a worker that says DISCONNECT (RFC 7/18); say it on its behalf,
+            # then tell the worker.
+            goodbye = worker.framing.command(Command.DISCONNECT)
+            core.handle(identity, goodbye, now)
+            core.outbox.append([identity, *goodbye])
 
     def _flush(self, sock: zmq.Socket[bytes]) -> None:
         stats = self.core.stats
