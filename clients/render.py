@@ -190,9 +190,11 @@ class HumanReport(Report):
         if outcome.truncated:
             self._print(Text("  (output truncated at the worker's limit)", style="yellow"))
         if outcome.message:
-            self._print(Text(f"  {outcome.message}", style="dim" if outcome.status == "ok" else ""))
+            message = printable(outcome.message.encode())
+            self._print(Text(f"  {message}", style="dim" if outcome.status == "ok" else ""))
         for error in outcome.errors or []:
-            self._print(Text(f"  {error.get('loc', '')}: {error.get('msg', '')}"))
+            where, what = str(error.get("loc", "")), str(error.get("msg", ""))
+            self._print(Text(f"  {printable(where.encode())}: {printable(what.encode())}"))
         if self._progress is not None:
             self._progress.advance(self._task)
 
@@ -221,7 +223,8 @@ class HumanReport(Report):
         return f"[{index}] {shown} │ "
 
     def _live_line(self, index: int, stream: str, line: bytes) -> None:
-        text = Text(self._prefix(index), style="dim")
+        text = Text()
+        text.append(self._prefix(index), style="dim")
         text.append(printable(line), style="red" if stream == "stderr" else "")
         self._print(text)
 
@@ -248,7 +251,8 @@ class HumanReport(Report):
         if not data:
             return
         for line in printable(data.removesuffix(b"\n")).split("\n"):
-            text = Text(f"  {label}", style="dim")
+            text = Text()
+            text.append(f"  {label}", style="dim")
             text.append(line, style=style)
             self._print(text)
 
