@@ -172,7 +172,7 @@ class Connection:
 @connection_options
 @click.option(
     "--parallel",
-    type=click.IntRange(min=1, max=10_000),
+    type=click.IntRange(min=1, max=1000),
     default=16,
     show_default=True,
     envvar="MDP_CLIENT_PARALLEL",

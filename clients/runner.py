@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import zmq
+
 from clients.commands import CommandSpec
 from clients.results import CommandOutcome
 from mdp.client import AttemptFailed, Client, MMINotImplemented, RequestTimeout
@@ -164,6 +166,9 @@ async def run_one(
         outcome.status = "lost"
         outcome.attempts = exc.attempts
         outcome.message = _lost_message(exc, outcome, v01, timeout)
+    except zmq.ZMQError as exc:  # e.g. too many open files: this command was never sent
+        outcome.status = "error"
+        outcome.message = f"the client could not send it: {exc}"
     outcome.elapsed_ms = (time.monotonic() - start) * 1000
     return outcome
 

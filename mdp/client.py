@@ -17,8 +17,9 @@ to it reaches nobody. The rules of one request live in `mdp.client_core.RequestC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -59,6 +60,8 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 2
 """Attempts after the first one."""
 DEFAULT_MAX_IDLE_SOCKETS = 64
+MAX_SOCKETS = 4096
+"""The socket cap of a context the client owns: bounds the requests in flight at once."""
 
 MMI_FOUND = b"200"
 MMI_NOT_FOUND = b"404"
@@ -121,6 +124,8 @@ class Client:
         self._own_context = context is None
         if context is None:
             self._context = zmq.asyncio.Context()
+            # Room for one socket per in-flight request (the default cap is 1023).
+            self._context.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
         elif isinstance(context, zmq.asyncio.Context):
             self._context = context
         else:
@@ -150,16 +155,18 @@ class Client:
         went silent for `timeout` seconds, the retry policy refused, or `total_timeout` passed.
         Raises `mdp.errors.ProtocolError` for an invalid service name or an empty body.
         """
-        async for part in self.stream(
+        parts = self.stream(
             service,
             *body,
             timeout=timeout,
             retries=retries,
             may_retry=may_retry,
             total_timeout=total_timeout,
-        ):
-            if part.final:
-                return part.body
+        )
+        async with contextlib.aclosing(parts):
+            async for part in parts:
+                if part.final:
+                    return part.body
         raise AssertionError("stream() ended without a FINAL")  # pragma: no cover
 
     async def stream(
@@ -170,10 +177,11 @@ class Client:
         retries: int | None = None,
         may_retry: RetryPolicy | None = None,
         total_timeout: float | None = None,
-    ) -> AsyncIterator[Part]:
+    ) -> AsyncGenerator[Part, None]:
         """Send a request and yield each PARTIAL, then the FINAL (`part.final` is true).
 
-        Over MDP/0.1 only the FINAL is yielded. Every PARTIAL restarts the liveness timeout.
+        Use `contextlib.aclosing()` if you may leave the loop early. Over MDP/0.1 only the
+        FINAL is yielded. Every PARTIAL restarts the liveness timeout.
         After a retry the new attempt's PARTIALs follow (`part.attempt` tells them apart).
         Arguments default to the client's settings; errors as for `request()`. Leaving the
         loop early abandons the request (its socket is closed, any late reply is discarded).
