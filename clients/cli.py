@@ -65,7 +65,9 @@ as it finishes. An attempt that stays silent for --timeout seconds (no reply, no
 abandoned and re-sent on a fresh connection, to the next -a broker in turn, at most --retries
 times; but a command a worker has already started is never re-sent unless --retry-started is
 given (it may have run), it is reported "lost" instead. Over --mdp-version 0.1 the client
-cannot see a start, so silent commands are only re-sent with --retry-started.
+cannot see a start, so silent commands are only re-sent with --retry-started. MDP says
+nothing while a request waits in the broker's queue: keep --parallel within the workers'
+total concurrency, or --timeout above the longest wait.
 
 In --json output, stdout/stderr are strings when they are valid UTF-8 and {{"base64": "..."}}
 otherwise. Every option can also be set with an MDP_CLIENT_* environment variable (shown in
@@ -235,7 +237,8 @@ def main(
     connection = Connection(params)
     ctx.obj = connection
     if ctx.invoked_subcommand is not None:
-        if path is not None:
+        from_env = ctx.get_parameter_source("path") is click.core.ParameterSource.ENVIRONMENT
+        if path is not None and not from_env:
             raise click.UsageError(
                 f"-f/--file runs commands; it cannot go with {ctx.invoked_subcommand!r}"
             )

@@ -70,6 +70,12 @@ def test_file_with_subcommand_is_a_usage_error(commands: str) -> None:
     assert invoke("-f", commands, "services").exit_code == ExitCode.USAGE
 
 
+def test_file_from_environment_does_not_block_subcommands(commands: str) -> None:
+    env = {"MDP_CLIENT_FILE": commands}
+    result = invoke("-a", DEAD, "--timeout", "0.1", "--retries", "0", "ping", "os", env=env)
+    assert result.exit_code == ExitCode.UNAVAILABLE
+
+
 def test_bad_file_exits_65_with_every_problem(tmp_path: Path) -> None:
     path = tmp_path / "commands.json"
     path.write_text(json.dumps([{"command_type": "os"}, {"command_type": "os", "x": 1}]))
