@@ -25,7 +25,7 @@ BROKERS: Final[tuple[BrokerKind, ...]] = ("ours", "majortomo")
 LABELS: Final[dict[str, str]] = {"ours": "ours (mdp)", "majortomo": "majortomo 0.2.0"}
 
 STARTUP_TIMEOUT = 15.0
-STOP_GRACE = 1.0
+STOP_GRACE = 0.5
 
 _MAJORTOMO_LOGGING = """\
 logging:

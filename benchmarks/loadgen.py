@@ -373,7 +373,9 @@ class ThroughputResult:
 def mp_context() -> Any:
     """A forkserver context: children start clean (no inherited zmq state), and fast."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["benchmarks.loadgen", "benchmarks.scale", "zmq"])
+    ctx.set_forkserver_preload(
+        ["benchmarks.loadgen", "benchmarks.scale", "benchmarks.command", "zmq"]
+    )
     return ctx
 
 

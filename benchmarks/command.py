@@ -1,0 +1,308 @@
+"""The command scenario: `true` through our broker and `mdp-worker --service os`, against the
+local ceiling of spawning `true` from asyncio, measured in the same run.
+
+- Ceiling (`run_ceiling`): one process runs `asyncio.create_subprocess_exec("true")` with stdin,
+  stdout and stderr as pipes and awaits `communicate()`, 8 at a time, for a request count or a
+  wall-time bound. Commands per second is the most a worker spawning the same way could do.
+- Through the broker (`run_command`): our broker, one `mdp-worker --service os --concurrency 8
+  --log-level warning`, and one client process with 8 DEALER sockets (8 requests in flight),
+  raw RFC 18 frames, each body the msgpack map `{"command_name": "true", "parameters": []}`
+  (services/bodies.py). PARTIALs are skipped; each FINAL must decode to `status: ok`.
+  Commands per second, latency, and the broker's and the worker's CPU per 1,000 commands.
+
+majortomo's broker is not measured here: `mdp-worker` speaks RFC 18, which it does not.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import zmq
+from zmq.backend import zmq_poll
+
+from benchmarks.brokers import BrokerProcess
+from benchmarks.loadgen import (
+    DIALECTS,
+    NOBLOCK,
+    POLLIN,
+    dealer,
+    mp_context,
+    percentile,
+    recv_frames,
+    send_frames,
+    stop_processes,
+)
+
+CONCURRENCY = 8
+SERVICE = b"os"
+BODY = msgpack.packb({"command_name": "true", "parameters": []}, use_bin_type=True)
+REPLY_TIMEOUT_MS = 30_000
+WORKER_STOP_GRACE = 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# The local ceiling
+
+
+async def _spawn_true(count: int, concurrency: int, deadline: float) -> int:
+    true = shutil.which("true") or "/bin/true"
+    done = 0
+
+    async def runner() -> None:
+        nonlocal done
+        while done < count and time.monotonic() < deadline:
+            done += 1  # claimed before the await, so runners never overshoot `count`
+            proc = await asyncio.create_subprocess_exec(
+                true,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            await proc.communicate()
+
+    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    return done
+
+
+def ceiling_process(count: int, concurrency: int, max_seconds: float, results: Any) -> None:
+    """Spawn `true` `count` times, `concurrency` at a time; report (count, seconds)."""
+    asyncio.run(_spawn_true(concurrency, concurrency, time.monotonic() + 10))  # warm-up
+    t0 = time.monotonic()
+    done = asyncio.run(_spawn_true(count, concurrency, t0 + max_seconds))
+    results.put((done, time.monotonic() - t0))
+
+
+@dataclass(slots=True)
+class CeilingResult:
+    """Local asyncio spawns of `true` per second."""
+
+    completed: int
+    elapsed: float
+    rate: float
+
+
+def run_ceiling(count: int, max_seconds: float) -> CeilingResult:
+    """Measure the local ceiling in a fresh child process."""
+    ctx = mp_context()
+    results = ctx.Queue()
+    process = ctx.Process(
+        target=ceiling_process, args=(count, CONCURRENCY, max_seconds, results), name="ceiling"
+    )
+    try:
+        process.start()
+        done, elapsed = results.get(timeout=max_seconds + 60)
+    finally:
+        stop_processes([process])
+    return CeilingResult(done, elapsed, done / elapsed)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the broker and mdp-worker
+
+
+@dataclass(slots=True)
+class CommandClientResult:
+    """What the command client measured."""
+
+    latencies_ns: bytes = b""
+    completed: int = 0
+    failed: int = 0
+    partials: int = 0
+    lost: int = 0
+    t_start: float = 0.0
+    t_end: float = 0.0
+    error: str = ""
+
+
+def command_client(
+    endpoint: str, count: int, max_seconds: float, barrier: threading.Barrier, results: Any
+) -> None:
+    """8 synchronous DEALER sockets running `true` through the "os" service."""
+    dialect = DIALECTS["rfc18"]
+    request = (*dialect.client_head, SERVICE, BODY)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    socks = [dealer(context, endpoint, REPLY_TIMEOUT_MS) for _ in range(CONCURRENCY)]
+    result = CommandClientResult()
+    latencies = array.array("q")
+    clock = time.perf_counter_ns
+    try:
+        for sock in socks:  # warm-up: one command per socket, in parallel
+            send_frames(sock, request)
+        for sock in socks:
+            while recv_frames(sock)[dialect.reply_command] != dialect.reply_final:
+                pass
+        barrier.wait(timeout=60)
+        result.t_start = time.monotonic()
+        deadline = result.t_start + max_seconds
+        sent_at: dict[Any, int] = {}
+        items = [(sock, POLLIN) for sock in socks[:count]]
+        for sock, _ in items:
+            sent_at[sock] = clock()
+            send_frames(sock, request)
+        issued = len(items)
+        while items:
+            events = zmq_poll(items, REPLY_TIMEOUT_MS)
+            if not events:
+                result.lost += len(items)
+                break
+            for sock, _ in events:
+                reply = recv_frames(sock, NOBLOCK)
+                if reply[dialect.reply_command] != dialect.reply_final:
+                    result.partials += 1
+                    continue
+                latencies.append(clock() - sent_at[sock])
+                status = msgpack.unpackb(reply[dialect.reply_body]).get("status")
+                if status != "ok":
+                    result.failed += 1
+                if issued < count and time.monotonic() < deadline:
+                    sent_at[sock] = clock()
+                    send_frames(sock, request)
+                    issued += 1
+                else:
+                    items.remove((sock, POLLIN))
+        result.t_end = time.monotonic()
+    except (zmq.ZMQError, threading.BrokenBarrierError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.completed = len(latencies)
+        result.latencies_ns = latencies.tobytes()
+        for sock in socks:
+            sock.close(linger=0)
+        context.term()
+        results.put(result)
+
+
+def worker_command(endpoint: str) -> list[str]:
+    """The `mdp-worker` command line for the scenario."""
+    script = Path(sys.executable).with_name("mdp-worker")
+    executable = str(script) if script.exists() else (shutil.which("mdp-worker") or "mdp-worker")
+    return [
+        executable,
+        "--service",
+        "os",
+        "--concurrency",
+        str(CONCURRENCY),
+        "--broker",
+        endpoint,
+        "--log-level",
+        "warning",
+    ]
+
+
+@dataclass(slots=True)
+class CommandResult:
+    """`true` through broker + worker."""
+
+    completed: int
+    failed: int
+    lost: int
+    partials: int
+    elapsed: float
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    broker_cpu_ms_per_1000: float
+    worker_cpu_ms_per_1000: float
+    errors: list[str] = field(default_factory=list)
+
+
+def run_command(broker: BrokerProcess, count: int, max_seconds: float) -> CommandResult:
+    """Start `mdp-worker --service os`, run `count` commands through `broker`, stop it."""
+    errors: list[str] = []
+    with tempfile.TemporaryFile() as stderr_file:
+        worker = subprocess.Popen(
+            worker_command(broker.endpoint),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+        )
+        try:
+            result, t0, cpu, worker_cpu = _drive(broker, worker, count, max_seconds, errors)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=WORKER_STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(timeout=5)
+        if worker.returncode not in (0, -15):
+            stderr_file.seek(0)
+            stderr = stderr_file.read().decode(errors="replace")
+            errors.append(f"mdp-worker exited {worker.returncode}: {stderr[-500:]}")
+    if result.error:
+        errors.append(result.error)
+    ordered = sorted(array.array("q", result.latencies_ns))
+    elapsed = max(result.t_end - t0, 1e-9)
+    n = result.completed
+    return CommandResult(
+        completed=n,
+        failed=result.failed,
+        lost=result.lost,
+        partials=result.partials,
+        elapsed=elapsed,
+        rate=n / elapsed,
+        p50_ms=percentile(ordered, 0.5) / 1e6,
+        p99_ms=percentile(ordered, 0.99) / 1e6,
+        max_ms=(ordered[-1] if ordered else 0) / 1e6,
+        broker_cpu_ms_per_1000=cpu * 1e6 / n if n else float("nan"),
+        worker_cpu_ms_per_1000=worker_cpu * 1e6 / n if n else float("nan"),
+        errors=errors,
+    )
+
+
+def _drive(
+    broker: BrokerProcess,
+    worker: subprocess.Popen[bytes],
+    count: int,
+    max_seconds: float,
+    errors: list[str],
+) -> tuple[CommandClientResult, float, float, float]:
+    """Run the client against a started worker; (result, start time, broker CPU, worker CPU)."""
+    ctx = mp_context()
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    worker_ps = psutil.Process(worker.pid)
+    client = ctx.Process(
+        target=command_client,
+        args=(broker.endpoint, count, max_seconds, barrier, results),
+        name="command-client",
+    )
+    result = CommandClientResult()
+    cpu = worker_cpu = 0.0
+    t0 = time.monotonic()
+    try:
+        client.start()
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            errors.append("the command client's warm-up did not finish")
+        broker0, worker0 = broker.cpu_seconds(), _cpu_with_children(worker_ps)
+        t0 = time.monotonic()
+        result = results.get(timeout=max_seconds + REPLY_TIMEOUT_MS / 1000 + 30)
+        cpu = broker.cpu_seconds() - broker0
+        worker_cpu = _cpu_with_children(worker_ps) - worker0
+    except Exception as exc:  # queue.Empty: report what we have
+        errors.append(f"command scenario incomplete: {type(exc).__name__}")
+    finally:
+        barrier.abort()
+        stop_processes([client])
+    return result, t0, cpu, worker_cpu
+
+
+def _cpu_with_children(process: psutil.Process) -> float:
+    """CPU of a process plus its reaped children (the commands it ran)."""
+    times = process.cpu_times()
+    return float(times.user + times.system + times.children_user + times.children_system)

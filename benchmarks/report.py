@@ -1,0 +1,599 @@
+"""Turn one benchmark run into `RESULTS.md` and the ratio chart.
+
+Every figure in the tables is a median over repetitions; every ratio is ours/majortomo computed
+pair by pair (the two runs of one repetition, taken back to back) and then the median of those
+ratios, so slow drift on a shared machine affects both sides of each pair alike.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.command import CeilingResult, CommandResult
+from benchmarks.loadgen import Scenario, ThroughputResult
+from benchmarks.scale import IdleResult, QueueResult
+
+CPU_RATIO_TARGET = 0.65
+RPS_RATIO_TARGET = 1.2
+COMMAND_TARGET = 0.85
+IDLE_TARGET_PERCENT = 5.0
+QUEUE_RSS_TARGET_MB = 200.0
+
+
+@dataclass
+class RunData:
+    """Everything one run measured, plus where and how."""
+
+    quick: bool
+    repetitions: int
+    machine: dict[str, str]
+    started: str
+    duration_s: float = 0.0
+    load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    quiet_wait_s: float = 0.0
+    scenarios: list[Scenario] = field(default_factory=list)
+    throughput: list[list[ThroughputResult]] = field(default_factory=list)
+    """Per repetition, every run in the order it ran."""
+    variant: list[list[ThroughputResult]] = field(default_factory=list)
+    ceiling: list[CeilingResult] = field(default_factory=list)
+    command: list[CommandResult] = field(default_factory=list)
+    idle: list[IdleResult] = field(default_factory=list)
+    queue: list[QueueResult] = field(default_factory=list)
+    idle_workers: int = 0
+    queue_requests: int = 0
+    command_count: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of finite values, NaN if there are none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def runs_of(data: RunData, scenario: str, broker: str, dialect: str | None = None) -> list[Any]:
+    """The throughput results of one scenario and broker, one per repetition, in order."""
+    return [
+        r
+        for rep in data.throughput
+        for r in rep
+        if r.scenario == scenario
+        and r.broker == broker
+        and (dialect is None or r.dialect == dialect)
+    ]
+
+
+def pair_ratios(
+    data: RunData, scenario: str, metric: Callable[[ThroughputResult], float]
+) -> list[float]:
+    """ours/majortomo for `metric`, one ratio per repetition."""
+    ratios = []
+    for rep in data.throughput:
+        ours = [r for r in rep if r.scenario == scenario and r.broker == "ours"]
+        theirs = [r for r in rep if r.scenario == scenario and r.broker == "majortomo"]
+        if ours and theirs and metric(theirs[0]) > 0:
+            ratios.append(metric(ours[0]) / metric(theirs[0]))
+    return ratios
+
+
+def _cpu(r: ThroughputResult) -> float:
+    return r.cpu_ms_per_1000
+
+
+def _rps(r: ThroughputResult) -> float:
+    return r.rps
+
+
+def _p99(r: ThroughputResult) -> float:
+    return r.p99_ms
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _ratios(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values) or "n/a"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+@dataclass
+class Target:
+    """One target of issue 5 and how this run did."""
+
+    name: str
+    measured: str
+    met: bool | None
+
+
+def targets(data: RunData) -> list[Target]:
+    """Evaluate each target of issue 5 against this run's medians."""
+    out: list[Target] = []
+    sync_small = [s.name for s in data.scenarios if s.sync and s.payload <= 64]
+    for name in sync_small:
+        ratios = pair_ratios(data, name, _cpu)
+        m = median(ratios)
+        out.append(
+            Target(
+                f"Broker CPU per request <= {CPU_RATIO_TARGET} x majortomo's, {name}",
+                f"{_fmt(m)} x (per repetition: {_ratios(ratios)})",
+                None if math.isnan(m) else m <= CPU_RATIO_TARGET,
+            )
+        )
+    main = next(
+        (s.name for s in data.scenarios if s.sync and s.clients > 1 and s.payload <= 64), ""
+    )
+    if main:
+        ratios = pair_ratios(data, main, _rps)
+        m = median(ratios)
+        out.append(
+            Target(
+                f"Requests/s >= {RPS_RATIO_TARGET} x majortomo's, {main}",
+                f"{_fmt(m)} x (per repetition: {_ratios(ratios)})",
+                None if math.isnan(m) else m >= RPS_RATIO_TARGET,
+            )
+        )
+    worst: list[str] = []
+    all_ok: bool | None = None
+    for s in data.scenarios:
+        m = median(pair_ratios(data, s.name, _p99))
+        if math.isnan(m):
+            continue
+        all_ok = (all_ok is None or all_ok) and m <= 1.0
+        worst.append(f"{s.name}: {m:.2f}")
+    out.append(Target("p99 latency <= majortomo's, every scenario", "; ".join(worst), all_ok))
+    if data.command and data.ceiling:
+        ratios = [c.rate / k.rate for c, k in zip(data.command, data.ceiling, strict=False)]
+        m = median(ratios)
+        out.append(
+            Target(
+                f"`true` through broker + os worker >= {COMMAND_TARGET:.0%} of the local ceiling",
+                f"{m:.0%} ({_fmt(median([c.rate for c in data.command]), 0)}/s vs "
+                f"{_fmt(median([k.rate for k in data.ceiling]), 0)}/s; per repetition: "
+                + ", ".join(f"{r:.0%}" for r in ratios)
+                + ")",
+                m >= COMMAND_TARGET,
+            )
+        )
+    else:
+        out.append(Target("`true` through broker + os worker", "not measured", None))
+    idle = [r for r in data.idle if r.broker == "ours"]
+    if idle:
+        m = median([r.core_percent for r in idle])
+        registered = min(r.registered for r in idle)
+        out.append(
+            Target(
+                f"{data.idle_workers:,} idle workers: broker < {IDLE_TARGET_PERCENT:g}% of a core",
+                f"{m:.2f}% of a core ({registered:,} of {data.idle_workers:,} registered)",
+                m < IDLE_TARGET_PERCENT and registered == data.idle_workers,
+            )
+        )
+    queue = [r for r in data.queue if r.broker == "ours"]
+    if queue:
+        rss = max(max(r.rss_queued_mb, r.peak_rss_mb) for r in queue)
+        lost = sum(r.missing + r.duplicates for r in queue)
+        out.append(
+            Target(
+                f"{data.queue_requests:,} queued: RSS < {QUEUE_RSS_TARGET_MB:g} MB, all drain, "
+                "none lost",
+                f"peak RSS {rss:.1f} MB; {sum(r.received for r in queue):,} of "
+                f"{data.queue_requests * len(queue):,} FINALs back, {lost} missing or duplicated "
+                f"({len(queue)} repetitions); drain {median([r.drain_s for r in queue]):.1f} s",
+                rss < QUEUE_RSS_TARGET_MB and lost == 0,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def render(data: RunData, command_line: str) -> str:
+    """RESULTS.md for one run."""
+    m = data.machine
+    load = " / ".join(f"{x:.2f}" for x in data.load_start)
+    load_end = " / ".join(f"{x:.2f}" for x in data.load_end)
+    lines = [
+        "# Benchmark results: our MDP broker vs majortomo",
+        "",
+        f"Generated by `{command_line}` on {data.started} in {data.duration_s:.0f} s"
+        + (
+            " (**quick smoke run: short, one repetition; not for conclusions**)"
+            if data.quick
+            else ""
+        )
+        + ". How it works: [README.md](README.md).",
+        "",
+        "## Machine",
+        "",
+        *_table(
+            ["", ""],
+            [
+                ["CPU", m["cpu"]],
+                ["Cores", m["cores"]],
+                ["RAM", m["ram"]],
+                ["OS", m["os"]],
+                ["Python", m["python"]],
+                ["pyzmq / libzmq", f"{m['pyzmq']} / {m['libzmq']}"],
+                ["majortomo", m["majortomo"]],
+                ["mdp commit", m["commit"]],
+                ["Load average (1/5/15 min) at start", load],
+                ["Load average at end", load_end],
+                ["Waited for a quiet machine", f"{data.quiet_wait_s:.0f} s"],
+            ],
+        ),
+        "",
+        "The machine is shared (other test suites may run at the same time), so runs are",
+        f"interleaved ours/majortomo in every repetition ({data.repetitions} repetitions, the",
+        "order alternating), figures are medians, and ratios are taken pair by pair.",
+        "",
+        "## Targets (issue 5)",
+        "",
+        *_table(
+            ["Target", "Measured", "Result"],
+            [[t.name, t.measured, _met(t.met)] for t in targets(data)],
+        ),
+        "",
+        "![ours/majortomo ratios](ratios.png)",
+        "",
+        *_throughput_section(data),
+        *_variant_section(data),
+        *_command_section(data),
+        *_scale_section(data),
+        *_runs_section(data),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _throughput_section(data: RunData) -> list[str]:
+    lines = [
+        "## Throughput and latency",
+        "",
+        "Echo workers and clients are raw-frame pyzmq processes (`benchmarks/loadgen.py`); ours",
+        "is spoken to in RFC 18 framing, majortomo in its own dialect. NxW = clients x workers;",
+        "`sync` = one request in flight per client, `xK` = K in flight per client (K sockets).",
+        "CPU = the broker process's user+system CPU per 1,000 requests. Medians over",
+        "repetitions; the ratio columns are medians of per-repetition ours/majortomo ratios.",
+        "",
+    ]
+    rows = []
+    for s in data.scenarios:
+        for broker in ("ours", "majortomo"):
+            runs = runs_of(data, s.name, broker)
+            if not runs:
+                continue
+            rows.append(
+                [
+                    s.name if broker == "ours" else "",
+                    broker,
+                    _fmt(median([r.rps for r in runs]), 0),
+                    _fmt(median([r.p50_ms for r in runs])),
+                    _fmt(median([r.p99_ms for r in runs])),
+                    _fmt(median([r.max_ms for r in runs])),
+                    _fmt(median([r.cpu_ms_per_1000 for r in runs]), 1),
+                    _fmt(median([r.rss_mb for r in runs]), 1),
+                    _fmt(median(pair_ratios(data, s.name, _rps))) if broker == "ours" else "",
+                    _fmt(median(pair_ratios(data, s.name, _p99))) if broker == "ours" else "",
+                    _fmt(median(pair_ratios(data, s.name, _cpu))) if broker == "ours" else "",
+                ]
+            )
+    lines += _table(
+        [
+            "Scenario",
+            "Broker",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "CPU ms/1k req",
+            "RSS MB",
+            "req/s ratio",
+            "p99 ratio",
+            "CPU ratio",
+        ],
+        rows,
+    )
+    problems = [
+        f"{r.broker} {r.scenario}: {r.lost} lost, {r.bad} bad, {'; '.join(r.errors)}"
+        for rep in data.throughput + data.variant
+        for r in rep
+        if r.lost or r.bad or r.errors
+    ]
+    lines += ["", "Lost or wrong replies: " + ("; ".join(problems) if problems else "none."), ""]
+    return lines
+
+
+def _variant_section(data: RunData) -> list[str]:
+    if not data.variant:
+        return []
+    name = data.variant[0][0].scenario if data.variant[0] else ""
+    lines = [
+        "## The same peers in majortomo's dialect, to both brokers",
+        "",
+        f"{name}, our broker spoken to in majortomo's dialect (leading empty frame, REQUEST",
+        "0x02, FINAL 0x04 without a service frame) instead of RFC 18, run in the same",
+        "repetitions; the majortomo row is the one from the main table.",
+        "",
+    ]
+    variant_runs = [r for rep in data.variant for r in rep]
+    main_ours = runs_of(data, name, "ours")
+    theirs = runs_of(data, name, "majortomo")
+    rows = []
+    for label, runs in (
+        ("ours, rfc18 framing", main_ours),
+        ("ours, majortomo framing", variant_runs),
+        ("majortomo", theirs),
+    ):
+        if runs:
+            rows.append(
+                [
+                    label,
+                    _fmt(median([r.rps for r in runs]), 0),
+                    _fmt(median([r.p99_ms for r in runs])),
+                    _fmt(median([r.cpu_ms_per_1000 for r in runs]), 1),
+                ]
+            )
+    ratios = [
+        v.cpu_ms_per_1000 / t.cpu_ms_per_1000
+        for v, t in zip(variant_runs, theirs, strict=False)
+        if t.cpu_ms_per_1000 > 0
+    ]
+    lines += _table(["Peers", "req/s", "p99 ms", "CPU ms/1k req"], rows)
+    lines += [
+        "",
+        f"CPU ratio ours (majortomo framing)/majortomo, per repetition: {_ratios(ratios)};"
+        f" median {_fmt(median(ratios))}.",
+        "",
+    ]
+    return lines
+
+
+def _command_section(data: RunData) -> list[str]:
+    lines = ["## Command scenario: `true` through broker + `mdp-worker --service os`", ""]
+    if not data.command:
+        return [*lines, "Not measured.", ""]
+    lines += [
+        "Ceiling: one process spawning `true` with asyncio (`create_subprocess_exec`, three",
+        "pipes, `communicate()`), 8 at a time. Through the broker: our broker, one",
+        "`mdp-worker --service os --concurrency 8 --log-level warning`, one raw-frame client with",
+        "8 requests in flight, each body `{command_name: true, parameters: []}` in msgpack;",
+        "every FINAL must say `status: ok`. Worker CPU includes the `true` processes it ran.",
+        f"{data.command_count:,} commands per measurement, ceiling and broker alternating.",
+        "",
+    ]
+    rows = []
+    for i, (c, k) in enumerate(zip(data.command, data.ceiling, strict=False), 1):
+        rows.append(
+            [
+                str(i),
+                _fmt(k.rate, 0),
+                _fmt(c.rate, 0),
+                f"{c.rate / k.rate:.0%}",
+                _fmt(c.p50_ms),
+                _fmt(c.p99_ms),
+                _fmt(c.broker_cpu_ms_per_1000, 0),
+                _fmt(c.worker_cpu_ms_per_1000, 0),
+                f"{c.failed + c.lost}" + (f" ({'; '.join(c.errors)})" if c.errors else ""),
+            ]
+        )
+    lines += _table(
+        [
+            "Rep",
+            "ceiling /s",
+            "broker+worker /s",
+            "share",
+            "p50 ms",
+            "p99 ms",
+            "broker CPU ms/1k",
+            "worker CPU ms/1k",
+            "failed/lost",
+        ],
+        rows,
+    )
+    return [*lines, ""]
+
+
+def _scale_section(data: RunData) -> list[str]:
+    lines = ["## Scale", ""]
+    if data.idle:
+        lines += [
+            f"### {data.idle_workers:,} idle workers",
+            "",
+            "Each worker heartbeats every 2.5 s (both brokers' default), staggered; broker CPU is",
+            "read over the window after a 2 s settling pause. Registered = workers the broker",
+            "heartbeated during the window.",
+            "",
+        ]
+        rows = []
+        for broker in ("ours", "majortomo"):
+            runs = [r for r in data.idle if r.broker == broker]
+            if runs:
+                rows.append(
+                    [
+                        broker,
+                        f"{median([r.core_percent for r in runs]):.2f}%",
+                        ", ".join(f"{r.core_percent:.2f}%" for r in runs),
+                        f"{min(r.registered for r in runs):,}",
+                        str(sum(r.disconnects for r in runs)),
+                        _fmt(median([r.rss_mb for r in runs]), 1),
+                        f"{median([r.window for r in runs]):.1f}",
+                    ]
+                )
+        lines += _table(
+            [
+                "Broker",
+                "CPU, % of a core",
+                "per repetition",
+                "registered (min)",
+                "DISCONNECTs",
+                "RSS MB",
+                "window s",
+            ],
+            rows,
+        )
+        lines.append("")
+    if data.queue:
+        lines += [
+            f"### {data.queue_requests:,} requests queued with no worker, then drained",
+            "",
+            "One client sends every request (64 B) down one DEALER socket; when the broker's CPU",
+            "goes quiet its RSS is read; then 4 echo workers connect and the client counts FINALs",
+            "by sequence number. Drain = from the workers' start to the last FINAL. Ours runs",
+            "with `--max-queue 200000 --request-ttl 600` (the defaults, 10,000 and 60 s, would",
+            "refuse or expire part of this load by design); majortomo has no limit on either.",
+            "",
+        ]
+        rows = []
+        for r in data.queue:
+            rows.append(
+                [
+                    r.broker,
+                    f"{r.enqueue_s:.1f}",
+                    _fmt(r.rss_queued_mb, 1),
+                    _fmt(max(r.peak_rss_mb, r.rss_queued_mb), 1),
+                    f"{r.received:,}",
+                    str(r.missing),
+                    str(r.duplicates),
+                    f"{r.drain_s:.1f}",
+                    _fmt(r.drain_rps, 0),
+                    "; ".join(r.errors) or "",
+                ]
+            )
+        lines += _table(
+            [
+                "Broker",
+                "enqueue s",
+                "RSS queued MB",
+                "peak RSS MB",
+                "FINALs",
+                "missing",
+                "dup",
+                "drain s",
+                "drain req/s",
+                "notes",
+            ],
+            rows,
+        )
+        lines.append("")
+    return lines
+
+
+def _runs_section(data: RunData) -> list[str]:
+    lines = [
+        "## Every throughput run",
+        "",
+        "In the order they ran (rep, scenario, broker).",
+        "",
+    ]
+    rows = []
+    for reps in (data.throughput, data.variant):
+        for rep_no, rep in enumerate(reps, 1):
+            rows += [_run_row(rep_no, r) for r in rep]
+    lines += _table(
+        [
+            "Rep",
+            "Scenario",
+            "Broker",
+            "requests",
+            "s",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "CPU ms/1k",
+            "per worker",
+        ],
+        rows,
+    )
+    return [*lines, ""]
+
+
+def _run_row(rep_no: int, r: ThroughputResult) -> list[str]:
+    return [
+        str(rep_no),
+        r.scenario,
+        f"{r.broker} ({r.dialect})",
+        f"{r.completed:,}",
+        f"{r.elapsed:.2f}",
+        _fmt(r.rps, 0),
+        _fmt(r.p50_ms),
+        _fmt(r.p99_ms),
+        _fmt(r.max_ms),
+        _fmt(r.cpu_ms_per_1000, 1),
+        "/".join(str(n) for n in r.worker_handled),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Chart
+
+
+def chart(data: RunData, path: Path) -> None:
+    """A grouped bar chart of the ours/majortomo ratios per scenario (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s.name for s in data.scenarios]
+    series = [
+        ("broker CPU per request", _cpu, "#1f77b4"),
+        ("requests/s", _rps, "#2ca02c"),
+        ("p99 latency", _p99, "#d62728"),
+    ]
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    width = 0.26
+    for i, (label, metric, color) in enumerate(series):
+        values = [median(pair_ratios(data, n, metric)) for n in names]
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        bars = ax.bar(xs, values, width, label=label, color=color)
+        for bar, value in zip(bars, values, strict=True):
+            if not math.isnan(value):
+                ax.annotate(
+                    f"{value:.2f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(CPU_RATIO_TARGET, color="#1f77b4", linestyle="--", linewidth=0.8)
+    ax.axhline(RPS_RATIO_TARGET, color="#2ca02c", linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("ours / majortomo (median of per-repetition ratios)")
+    ax.set_title(
+        "Our MDP broker relative to majortomo: below 1 is better for CPU and p99, above 1 for "
+        "req/s\n(dashed: targets CPU <= 0.65, req/s >= 1.2)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,330 @@
+"""`python -m benchmarks.run`: every scenario of issue 5 against our broker and majortomo's.
+
+Each repetition runs every scenario once per broker, back to back, alternating which broker
+goes first, so drift on a shared machine hits both alike. Every run gets a fresh broker process.
+Writes `benchmarks/RESULTS.md`, `benchmarks/ratios.png` and `benchmarks/results.json`.
+
+    python -m benchmarks.run                  # full run, about 7 minutes on 2 cores
+    python -m benchmarks.run --quick          # smoke run, under a minute; not for conclusions
+    python -m benchmarks.run --wait-for-quiet 600   # first wait (bounded) for load < 1.0
+
+Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+import zmq
+
+from benchmarks.brokers import BROKERS, BrokerKind, BrokerProcess, start_broker
+from benchmarks.command import run_ceiling, run_command
+from benchmarks.loadgen import NATIVE_DIALECT, Scenario, run_throughput
+from benchmarks.report import RunData, chart, render, targets
+from benchmarks.scale import run_idle_workers, run_queue_drain
+
+HERE = Path(__file__).resolve().parent
+KIB = 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, and how much of it."""
+
+    repetitions: int
+    scenarios: list[Scenario]
+    variant: str
+    """Scenario also run against our broker in majortomo's dialect ("" for none)."""
+    command_count: int
+    command_seconds: float
+    idle_workers: int
+    idle_window: float
+    queue_requests: int
+    queue_workers: int = 4
+    queue_timeout: float = 180.0
+    quick: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def full_plan(repetitions: int) -> Plan:
+    """The run RESULTS.md is made from."""
+    return Plan(
+        repetitions=repetitions,
+        scenarios=[
+            Scenario("1x1 sync 64 B", 1, 1, 1, 64, 5_000, 6.0),
+            Scenario("8x4 sync 64 B", 8, 4, 1, 64, 24_000, 6.0),
+            Scenario("8x4 x32 64 B", 8, 4, 32, 64, 40_000, 6.0),
+            Scenario("1x1 sync 64 KiB", 1, 1, 1, 64 * KIB, 2_000, 6.0),
+            Scenario("8x4 sync 64 KiB", 8, 4, 1, 64 * KIB, 8_000, 6.0),
+            Scenario("8x4 x32 64 KiB", 8, 4, 32, 64 * KIB, 8_000, 6.0),
+        ],
+        variant="8x4 sync 64 B",
+        command_count=1_500,
+        command_seconds=6.0,
+        idle_workers=1_000,
+        idle_window=10.0,
+        queue_requests=100_000,
+    )
+
+
+def quick_plan() -> Plan:
+    """A smoke run: every code path, small counts, one repetition."""
+    return Plan(
+        repetitions=1,
+        scenarios=[
+            Scenario("1x1 sync 64 B", 1, 1, 1, 64, 500, 2.0, warmup=5),
+            Scenario("8x4 sync 64 B", 8, 4, 1, 64, 3_000, 2.0, warmup=5),
+            Scenario("8x4 x32 64 B", 8, 4, 32, 64, 4_000, 2.0, warmup=5),
+            Scenario("1x1 sync 64 KiB", 1, 1, 1, 64 * KIB, 200, 2.0, warmup=5),
+            Scenario("8x4 sync 64 KiB", 8, 4, 1, 64 * KIB, 800, 2.0, warmup=5),
+            Scenario("8x4 x32 64 KiB", 8, 4, 32, 64 * KIB, 800, 2.0, warmup=5),
+        ],
+        variant="",
+        command_count=200,
+        command_seconds=2.0,
+        idle_workers=200,
+        idle_window=2.0,
+        queue_requests=10_000,
+        queue_timeout=60.0,
+        quick=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """One progress line on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_info() -> dict[str, str]:
+    """CPU, cores, RAM, OS and library versions, for the report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        majortomo = version("majortomo")
+    except PackageNotFoundError:
+        majortomo = "not installed"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cores": f"{psutil.cpu_count(logical=True)} logical ({psutil.cpu_count(logical=False)} "
+        "physical)",
+        "ram": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "python": platform.python_version(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "majortomo": majortomo,
+        "commit": commit or "unknown",
+    }
+
+
+def wait_for_quiet(max_wait: float, threshold: float) -> float:
+    """Wait, at most `max_wait` seconds, until the 1-minute load average is below `threshold`."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait:
+        load = os.getloadavg()[0]
+        if load < threshold:
+            break
+        log(f"load average {load:.2f} >= {threshold}; waiting for a quieter moment")
+        time.sleep(min(15.0, max(0.0, max_wait - (time.monotonic() - start))))
+    return time.monotonic() - start
+
+
+def with_broker(
+    kind: BrokerKind, measure: Callable[[BrokerProcess], T], **options: float | int
+) -> T:
+    """Start a fresh broker, measure against it, stop it by PID."""
+    broker = start_broker(kind, **options)  # type: ignore[arg-type]
+    try:
+        return measure(broker)
+    finally:
+        broker.stop()
+
+
+def order(rep: int) -> tuple[BrokerKind, ...]:
+    """Which broker goes first alternates between repetitions."""
+    return BROKERS if rep % 2 == 0 else tuple(reversed(BROKERS))
+
+
+def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
+    """One repetition of every scenario, appended to `data`."""
+    runs = []
+    for scenario in plan.scenarios:
+        for kind in order(rep):
+            result = with_broker(
+                kind, lambda b, s=scenario, k=kind: run_throughput(b, NATIVE_DIALECT[k], s)
+            )
+            runs.append(result)
+            log(
+                f"rep {rep + 1} {scenario.name:<16} {kind:<9} {result.rps:8,.0f} req/s  "
+                f"p99 {result.p99_ms:6.2f} ms  CPU {result.cpu_ms_per_1000:6.1f} ms/1k"
+                + (f"  lost {result.lost} bad {result.bad}" if result.lost or result.bad else "")
+                + (f"  {result.errors}" if result.errors else "")
+            )
+    data.throughput.append(runs)
+    if plan.variant:
+        scenario = next(s for s in plan.scenarios if s.name == plan.variant)
+        result = with_broker("ours", lambda b: run_throughput(b, "majortomo", scenario))
+        data.variant.append([result])
+        log(
+            f"rep {rep + 1} {scenario.name} ours, majortomo dialect: {result.rps:,.0f} req/s, "
+            f"CPU {result.cpu_ms_per_1000:.1f} ms/1k"
+        )
+
+    ceiling_first = rep % 2 == 0
+    for step in (0, 1):
+        if (step == 0) == ceiling_first:
+            ceiling = run_ceiling(plan.command_count, plan.command_seconds)
+            data.ceiling.append(ceiling)
+            log(f"rep {rep + 1} ceiling: {ceiling.rate:,.0f} spawns/s")
+        else:
+            command = with_broker(
+                "ours", lambda b: run_command(b, plan.command_count, plan.command_seconds)
+            )
+            data.command.append(command)
+            log(
+                f"rep {rep + 1} true via broker+os worker: {command.rate:,.0f}/s"
+                + (f"  {command.errors}" if command.errors else "")
+            )
+
+    for kind in order(rep):
+        idle = with_broker(
+            kind,
+            lambda b, k=kind: run_idle_workers(
+                b, NATIVE_DIALECT[k], plan.idle_workers, plan.idle_window
+            ),
+        )
+        data.idle.append(idle)
+        log(
+            f"rep {rep + 1} {plan.idle_workers} idle workers, {kind}: "
+            f"{idle.core_percent:.2f}% of a core, {idle.registered} registered"
+        )
+    for kind in order(rep):
+        queue = with_broker(
+            kind,
+            lambda b, k=kind: run_queue_drain(
+                b,
+                NATIVE_DIALECT[k],
+                plan.queue_requests,
+                plan.queue_workers,
+                timeout=plan.queue_timeout,
+            ),
+            max_queue=200_000,
+            request_ttl=600,
+        )
+        data.queue.append(queue)
+        log(
+            f"rep {rep + 1} {plan.queue_requests} queued, {kind}: RSS {queue.rss_queued_mb:.1f} "
+            f"MB, {queue.received} back, {queue.missing} missing, drain {queue.drain_s:.1f} s"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the report; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Benchmark our MDP broker against majortomo's, side by side.",
+    )
+    parser.add_argument("--quick", action="store_true", help="fast smoke run (< 1 min)")
+    parser.add_argument("--repetitions", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument(
+        "--wait-for-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for the 1-minute load average to drop below "
+        "--load-threshold (default: do not wait)",
+    )
+    parser.add_argument("--load-threshold", type=float, default=1.0)
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=9.5,
+        help="start no repetition that would end after this (default 9.5)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where RESULTS.md, ratios.png and results.json go (default: benchmarks/, or "
+        "benchmarks/quick/ with --quick, which git ignores)",
+    )
+    args = parser.parse_args(argv)
+    plan = quick_plan() if args.quick else full_plan(max(1, args.repetitions))
+    given = sys.argv[1:] if argv is None else argv
+    command_line = " ".join(["python -m benchmarks.run", shlex.join(given)]).strip()
+    out: Path = args.output_dir or (HERE / "quick" if args.quick else HERE)
+
+    quiet = wait_for_quiet(args.wait_for_quiet, args.load_threshold) if args.wait_for_quiet else 0
+    start = time.monotonic()
+    data = RunData(
+        quick=plan.quick,
+        repetitions=0,
+        machine=machine_info(),
+        started=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        load_start=os.getloadavg(),
+        quiet_wait_s=quiet,
+        scenarios=plan.scenarios,
+        idle_workers=plan.idle_workers,
+        queue_requests=plan.queue_requests,
+        command_count=plan.command_count,
+    )
+    log(f"load average {data.load_start[0]:.2f}; {plan.repetitions} repetition(s)")
+    for rep in range(plan.repetitions):
+        elapsed = time.monotonic() - start
+        if rep and elapsed / rep + elapsed > args.max_minutes * 60:
+            log(f"stopping after {rep} repetitions to stay under {args.max_minutes} minutes")
+            break
+        run_repetition(plan, data, rep)
+        data.repetitions = rep + 1
+    data.duration_s = time.monotonic() - start
+    data.load_end = os.getloadavg()
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS.md").write_text(render(data, command_line))
+    chart(data, out / "ratios.png")
+    (out / "results.json").write_text(json.dumps(dataclasses.asdict(data), indent=1) + "\n")
+    for target in targets(data):
+        status = "n/a" if target.met is None else ("met" if target.met else "NOT MET")
+        log(f"{status:>7}: {target.name}: {target.measured}")
+    log(f"wrote {out / 'RESULTS.md'} in {data.duration_s:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
