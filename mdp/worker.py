@@ -38,6 +38,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -178,7 +179,7 @@ class Worker:
         self._recv: asyncio.Future[list[bytes]] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stop_grace: float | None = None
+        self._stop_grace: float | None = None  # set by stop(), consumed by the loop
         self._announced = False
 
     # ---------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class Worker:
         """Stop taking requests; a running one gets `grace` seconds (default: options.grace)."""
         grace = self.options.grace if grace is None else grace
         self._stop_grace = grace if self._stop_grace is None else min(grace, self._stop_grace)
-        self._poke()
+        self._poke()  # the loop hands it to the core (which keeps the earliest deadline)
 
     async def run(self) -> None:
         """Serve until `stop()` completes the shutdown."""
@@ -200,7 +201,8 @@ class Worker:
             self._perform(self.core.start(self._clock()))
             while True:
                 if self._stop_grace is not None:
-                    self._perform(self.core.shutdown(self._clock(), self._stop_grace))
+                    grace, self._stop_grace = self._stop_grace, None
+                    self._perform(self.core.shutdown(self._clock(), grace))
                 self._perform(self.core.tick(self._clock()))
                 if self.core.state is State.CLOSED:
                     break
@@ -216,11 +218,11 @@ class Worker:
         timeout = min(max(0.0, deadline - self._clock()), _MAX_WAIT)
         if self._wake is None or self._wake.done():
             self._wake = asyncio.get_running_loop().create_future()
-        waiting: set[asyncio.Future[object]] = {self._wake}  # type: ignore[arg-type]
+        waiting: set[asyncio.Future[Any]] = {self._wake}
         if self._socket is not None:
             if self._recv is None:
                 self._recv = asyncio.ensure_future(self._socket.recv_multipart())
-            waiting.add(self._recv)  # type: ignore[arg-type]
+            waiting.add(self._recv)
         await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if self._recv is not None and self._recv.done():
             recv, self._recv = self._recv, None
