@@ -295,9 +295,9 @@ def test_broker_restarted_mid_batch(tmp_path: Path) -> None:
     worker = start_worker(endpoint, "shell", concurrency=2)
     markers = tmp_path / "markers"
     markers.mkdir()
-    n = 10
+    n = 8
     commands = [
-        {"command_type": "shell", "command_name": f"echo run >> {markers}/m{i}; sleep 0.6"}
+        {"command_type": "shell", "command_name": f"echo run >> {markers}/m{i}; sleep 1"}
         for i in range(n)
     ]
     path = write(tmp_path, commands)
