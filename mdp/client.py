@@ -180,11 +180,12 @@ class Client:
     ) -> AsyncGenerator[Part, None]:
         """Send a request and yield each PARTIAL, then the FINAL (`part.final` is true).
 
-        Use `contextlib.aclosing()` if you may leave the loop early. Over MDP/0.1 only the
-        FINAL is yielded. Every PARTIAL restarts the liveness timeout.
-        After a retry the new attempt's PARTIALs follow (`part.attempt` tells them apart).
-        Arguments default to the client's settings; errors as for `request()`. Leaving the
-        loop early abandons the request (its socket is closed, any late reply is discarded).
+        Every PARTIAL restarts the liveness timeout. Over MDP/0.1 only the FINAL is yielded.
+        After a retry, the new attempt's PARTIALs follow (`part.attempt` tells them apart).
+        Arguments default to the client's settings; errors as for `request()`.
+
+        Leaving the loop early abandons the request: its socket is closed and any late reply
+        is discarded. Wrap the generator in `contextlib.aclosing()` so that happens at once.
         """
         if self._closed:
             raise RuntimeError("client is closed")
