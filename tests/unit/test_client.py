@@ -181,7 +181,7 @@ async def test_retries_exhausted_raise_timeout_within_bound(broker: FakeBroker) 
         elapsed = time.monotonic() - start
     assert isinstance(info.value, Timeout)
     assert info.value.attempts == 3
-    assert 0.85 < elapsed < 0.9 + 0.5
+    assert 0.85 < elapsed < 0.9 + 1.0
 
 
 async def test_unreachable_broker_times_out() -> None:
@@ -189,7 +189,7 @@ async def test_unreachable_broker_times_out() -> None:
         start = time.monotonic()
         with pytest.raises(RequestTimeout):
             await client.request("echo", b"x")
-        assert time.monotonic() - start < 0.4 + 0.5
+        assert time.monotonic() - start < 0.4 + 1.0
 
 
 async def test_failover_tries_endpoints_in_turn(ctx: zmq.asyncio.Context) -> None:
