@@ -2,7 +2,7 @@
 
 Writing a service takes a few lines::
 
-    from mdp.worker import Request, Service, serve
+    from mdp.worker import Request, Service, WorkerOptions, serve
 
     async def shout(request: Request) -> list[bytes]:
         await request.partial([b"working on it"])  # optional; dropped under MDP/0.1
