@@ -69,9 +69,11 @@ cannot see a start, so silent commands are only re-sent with --retry-started. MD
 nothing while a request waits in the broker's queue: keep --parallel within the workers'
 total concurrency, or --timeout above the longest wait.
 
-In --json output, stdout/stderr are strings when they are valid UTF-8 and {{"base64": "..."}}
-otherwise. Every option can also be set with an MDP_CLIENT_* environment variable (shown in
-brackets).
+In --json/--jsonl output, stdout/stderr are strings when they are valid UTF-8 and
+{{"base64": "..."}} otherwise, and nothing but JSON goes to stdout (a run that stops before
+sending anything, exit 65/66/69, prints nothing there; the reason goes to stderr).
+
+Every option can also be set with an MDP_CLIENT_* environment variable (shown in brackets).
 
 \b
 Examples:
