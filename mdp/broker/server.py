@@ -102,11 +102,11 @@ class BrokerServer:
             exposed = exposed_endpoints(self.endpoints)
             if exposed and not self.insecure:
                 raise InsecureBindError(insecure_bind_help(exposed))
-            if exposed:
+            if self.insecure:
                 log.warning(
-                    "INSECURE: listening on %s without authentication (--insecure): anyone "
-                    "who can reach it can run commands on the workers",
-                    ", ".join(exposed),
+                    "INSECURE (--insecure): no authentication on %s; on a non-loopback "
+                    "address anyone who can reach the port can run commands on the workers",
+                    ", ".join(self.endpoints),
                 )
         else:
             # The ZAP handler must exist before the socket can accept a handshake (RFC 27).
