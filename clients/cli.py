@@ -121,6 +121,21 @@ def connection_options(f: F) -> F:
             help=f"How many times a silent request may be re-sent. [default: {DEFAULT_RETRIES}]",
         ),
         click.option(
+            "--curve-secret-key",
+            metavar="FILE",
+            envvar="MDP_CLIENT_CURVE_SECRET_KEY",
+            show_envvar=True,
+            help="This client's CURVE key pair (NAME.key_secret, from mdp-keys); with "
+            "--curve-server-key, talk to a broker that requires CURVE authentication.",
+        ),
+        click.option(
+            "--curve-server-key",
+            metavar="FILE",
+            envvar="MDP_CLIENT_CURVE_SERVER_KEY",
+            show_envvar=True,
+            help="The broker's CURVE public key (NAME.key).",
+        ),
+        click.option(
             "--mdp-version",
             type=click.Choice(["0.1", "0.2"]),
             envvar="MDP_CLIENT_MDP_VERSION",
@@ -148,13 +163,32 @@ class Connection:
         self.timeout: float = pick("timeout", DEFAULT_TIMEOUT)
         self.retries: int = pick("retries", DEFAULT_RETRIES)
         self.mdp_version: str = pick("mdp_version", "0.2")
+        self.curve_secret_key: str | None = pick("curve_secret_key", None)
+        self.curve_server_key: str | None = pick("curve_server_key", None)
+        self.socket_options = self._curve_options()
 
-    def client(self, brokers: Sequence[str] | None = None) -> Client:
+    def _curve_options(self) -> list[tuple[int, int | bytes]]:
+        secret, server = self.curve_secret_key, self.curve_server_key
+        if secret is None and server is None:
+            return []
+        if secret is None or server is None:
+            raise click.UsageError("--curve-secret-key and --curve-server-key go together")
+        from mdp.security import KeyFileError, curve_client_options
+
+        try:
+            return curve_client_options(secret, server)
+        except KeyFileError as exc:
+            hint = "'--curve-secret-key/--curve-server-key'"
+            raise click.BadParameter(str(exc), param_hint=hint) from None
+
+    def client(self, brokers: Sequence[str] | None = None, *, local: bool = False) -> Client:
+        """A Client for the given brokers; `local` (the embedded broker) skips CURVE."""
         return Client(
             list(brokers or self.brokers),
             version=self.mdp_version,
             timeout=self.timeout,
             retries=self.retries,
+            socket_options=[] if local else self.socket_options,
         )
 
 
@@ -282,7 +316,7 @@ async def _run_file(
     async with _brokers(connection, specs, embedded, settings.parallel) as brokers:
         if brokers is None:
             return ExitCode.UNAVAILABLE
-        client = connection.client(brokers)
+        client = connection.client(brokers, local=embedded)
         try:
             try:
                 warnings = await check_services(client, [spec.command_type for spec in specs])

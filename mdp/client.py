@@ -94,6 +94,8 @@ class Client:
     stay silent before it is abandoned and the request re-sent on a fresh socket, up to
     `retries` times. `may_retry`: the default retry policy (see `RetryPolicy`). `context`: a
     pyzmq context to share (needed for inproc endpoints); the client owns one otherwise.
+    `socket_options`: (option, value) pairs set on every socket before it connects, e.g.
+    `mdp.security.curve_client_options(...)` for a CURVE broker.
 
     Use one Client from one event loop. Close it (or use `async with`) to release its sockets.
     """
@@ -108,6 +110,7 @@ class Client:
         may_retry: RetryPolicy = always_retry,
         context: zmq.Context[Any] | None = None,
         max_idle_sockets: int = DEFAULT_MAX_IDLE_SOCKETS,
+        socket_options: Sequence[tuple[int, int | bytes]] = (),
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
@@ -121,6 +124,7 @@ class Client:
         self.retries = retries
         self.may_retry = may_retry
         self.max_idle_sockets = max_idle_sockets
+        self.socket_options = list(socket_options)
         self._own_context = context is None
         if context is None:
             self._context = zmq.asyncio.Context()
@@ -324,8 +328,14 @@ class Client:
 
     def _fresh(self, endpoint: str) -> zmq.asyncio.Socket:
         sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            for option, value in self.socket_options:
+                sock.setsockopt(option, value)
+            sock.connect(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self._busy.add(sock)
         return sock
 

@@ -337,3 +337,30 @@ class _Closing:
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
+
+
+async def test_socket_options_make_a_curve_client(ctx: zmq.asyncio.Context) -> None:
+    """`socket_options` are set before connecting: here CURVE against a CURVE ROUTER."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.CURVE_SERVER, 1)
+    router.setsockopt(zmq.CURVE_SECRETKEY, server_secret)
+    router.bind("tcp://127.0.0.1:*")
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    options = [
+        (zmq.CURVE_SERVERKEY, server_public),
+        (zmq.CURVE_PUBLICKEY, client_public),
+        (zmq.CURVE_SECRETKEY, client_secret),
+    ]
+    with Client_(endpoint, timeout=2, retries=0, socket_options=options) as client:
+        task = asyncio.create_task(client.request("echo", b"secret"))
+        ident, *frames = await asyncio.wait_for(router.recv_multipart(), WAIT)
+        assert frames[-1] == b"secret"
+        await router.send_multipart([ident, b"MDPC02", b"\x03", b"echo", b"ok"])
+        assert await task == [b"ok"]
+    # Without a key the handshake never completes: the request gets no answer.
+    with Client_(endpoint, timeout=0.2, retries=0) as plain, pytest.raises(RequestTimeout):
+        await plain.request("echo", b"x")
+    router.close(linger=0)
