@@ -54,9 +54,9 @@ class BrokerTarget:
     @property
     def expiry_window(self) -> float:
         """How long after a worker's last command the broker must have expired it: interval x
-        liveness (RFC 7/18, Heartbeating), plus two intervals of slack for a broker that checks
-        its timers once per interval, plus scheduling slack for a loaded machine."""
-        return self.heartbeat * (self.liveness + 2) + 0.25
+        liveness (RFC 7/18, Heartbeating), plus one interval for a broker that checks its
+        timers once per interval, plus 250 ms of scheduling slack for a loaded machine."""
+        return self.heartbeat * (self.liveness + 1) + 0.25
 
 
 def unique(kind: str) -> bytes:
