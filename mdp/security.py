@@ -804,10 +804,6 @@ class CommandPolicy:
         return False
 
 
-MINIMAL_PATH: Final = "/usr/local/bin:/usr/bin:/bin"
-_PASSED_THROUGH: Final = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
-
-
 @dataclass(frozen=True, slots=True)
 class ChildLimits:
     """How a command's child process is confined: resource limits and the user it runs as.
@@ -871,25 +867,3 @@ class ChildLimits:
                 setrlimit(which, (value, value))
 
         return set_limits
-
-    def environment(self, requested: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The minimal environment a command starts with, plus what the request asked for.
-
-        The worker's own environment (which may hold credentials) is not inherited: only
-        PATH (a fixed system PATH), HOME/USER/LOGNAME of the account the command runs as, and
-        the locale/timezone/terminal variables pass through.
-        """
-        account = pwd.getpwnam(self.user) if self.user else pwd.getpwuid(os.geteuid())
-        env = {
-            "PATH": MINIMAL_PATH,
-            "HOME": account.pw_dir,
-            "USER": account.pw_name,
-            "LOGNAME": account.pw_name,
-        }
-        for name in _PASSED_THROUGH:
-            value = os.environ.get(name)
-            if value is not None:
-                env[name] = value
-        if requested:
-            env.update(requested)
-        return env
