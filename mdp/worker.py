@@ -113,6 +113,9 @@ class WorkerOptions:
     grace: float = 10.0
     backoff_initial: float = 0.1
     backoff_max: float = 4.0
+    socket_options: Sequence[tuple[int, int | bytes]] = ()
+    """(option, value) pairs set on every socket before it connects, e.g.
+    `mdp.security.curve_client_options(...)` for a CURVE broker."""
 
     def config(self, service: str) -> WorkerConfig:
         return WorkerConfig(
@@ -269,6 +272,8 @@ class Worker:
     def _open(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        for option, value in self.options.socket_options:
+            sock.setsockopt(option, value)
         sock.connect(self.options.broker)
         self._socket = sock
         self._announced = False

@@ -274,3 +274,27 @@ async def test_grace_over_cancels_the_handler_with_an_error_reply() -> None:
         _, final = await broker.next(broker.is_(Command.FINAL))
         assert final[-2] == b"error" and b"shutting down" in final[-1]
         await broker.next(broker.is_(Command.DISCONNECT))
+
+
+async def test_socket_options_are_set_before_connecting() -> None:
+    """WorkerOptions.socket_options reach every socket (the hook CURVE keys go through)."""
+    broker = ScriptedBroker()
+    options = WorkerOptions(
+        broker=broker.endpoint,
+        heartbeat_interval=HB,
+        liveness=LIVENESS,
+        socket_options=[(zmq.ROUTING_ID, b"worker-with-options")],
+    )
+
+    async def echo(request: Request) -> list[bytes]:
+        return request.body
+
+    worker = Worker(Service("echo", echo), options, context=broker.context)
+    task = asyncio.create_task(worker.run())
+    try:
+        identity, _ = await broker.next(broker.is_(Command.READY))
+        assert identity == b"worker-with-options"
+    finally:
+        worker.stop(0)
+        await asyncio.wait_for(task, 3)
+        await broker.close()
