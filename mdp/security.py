@@ -619,6 +619,8 @@ class BrokerAuth:
         self.refused = 0
         """Messages dropped because their key lost its place in the allow-lists or has the
         wrong role for the message."""
+        self.audit_pending: list[tuple[str, bytes, bytes]] = []
+        """Requests admitted since the last `flush_audit()`: (key name, identity, service)."""
         self._audit = False
         self._last_refusal_log = 0.0
 
@@ -679,19 +681,30 @@ class BrokerAuth:
             if self._audit:
                 # v0.1: header service...; v0.2: header command service...
                 at = index + (1 if header == b"MDPC01" else 2)
-                service = frames[at] if at < n else b""
-                audit.info(
-                    "request from client %r (connection %s) for service %r",
-                    peer.name,
-                    frames[0].hex(),
-                    service.decode("utf-8", "replace"),
-                )
+                self.audit_pending.append((peer.name, frames[0], frames[at] if at < n else b""))
         elif role == WORKER_ROLE:
             if not peer.worker:
                 self._refuse(frames[0], peer.name, "a client key may not act as a worker")
                 return False
             self.worker_keys[frames[0]] = peer.key
         return True
+
+    def flush_audit(self) -> None:
+        """Log the requests admitted since the last call: one record per call (the server calls
+        it once per batch), so under load the audit trail costs one log record per batch."""
+        pending = self.audit_pending
+        if not pending:
+            return
+        lines = [
+            f"client {name!r} (connection {identity.hex()}) for service "
+            f"{service.decode('utf-8', 'replace')!r}"
+            for name, identity, service in pending
+        ]
+        pending.clear()
+        if len(lines) == 1:
+            audit.info("request from %s", lines[0])
+        else:
+            audit.info("%d requests: from %s", len(lines), "; from ".join(lines))
 
     def revoked_workers(self) -> list[bytes]:
         """Identities whose last worker message came from a key no longer allowed as worker."""

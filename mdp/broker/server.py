@@ -214,6 +214,8 @@ class BrokerServer:
                 frames.append(_recv(sock, _NOBLOCK))
             if admit(frames, first.get("User-Id")):
                 handle(frames[0], frames[1:], now)
+        if auth.audit_pending:
+            auth.flush_audit()
 
     def _expel_revoked(self, auth: BrokerAuth, now: float) -> None:
         """The allow-lists changed: disconnect and forget workers whose key was revoked."""

@@ -344,9 +344,17 @@ def test_every_authenticated_request_is_audited_with_the_key_name(
     caplog.set_level(logging.INFO, logger="mdp.audit")
     auth._audit = True
     auth.admit(REQUEST_V02, user(dirs[0], "alice"))
+    auth.flush_audit()
     auth.admit(REQUEST_V01, user(dirs[0], "alice"))
+    auth.admit([b"D", b"", b"MDPC02", b"\x01", b"os", b"body"], user(dirs[0], "alice"))
+    auth.flush_audit()
+    auth.flush_audit()  # nothing pending: nothing logged
     lines = [r.getMessage() for r in caplog.records if r.name == "mdp.audit"]
-    assert lines == ["request from client 'alice' (connection 43) for service 'shell'"] * 2
+    assert lines == [
+        "request from client 'alice' (connection 43) for service 'shell'",
+        "2 requests: from client 'alice' (connection 43) for service 'shell'; "
+        "from client 'alice' (connection 44) for service 'os'",
+    ]
     assert auth.key_pair.secret.decode() not in caplog.text
 
 
