@@ -14,6 +14,13 @@ import zmq
 
 from mdp import __version__, logs
 from mdp.protocol import Version
+from mdp.security import (
+    ChildLimits,
+    CommandPolicy,
+    KeyFileError,
+    curve_client_options,
+    is_local_endpoint,
+)
 from mdp.worker import WorkerOptions, serve
 from services.command import DEFAULT_MAX_TIMEOUT, DEFAULT_TIMEOUT, CommandSettings
 from services.execution import Limits
@@ -172,6 +179,68 @@ def _check_endpoint(ctx: click.Context, param: click.Parameter, value: str) -> s
     help="INFO logs registrations, reconnections and one line per command; DEBUG every frame.",
 )
 @click.option("--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr.")
+@click.option(
+    "--curve-secret-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    metavar="FILE",
+    help="This worker's CURVE key pair (NAME.key_secret, from mdp-keys); with "
+    "--curve-server-key, connect to a broker that requires CURVE authentication. The "
+    "broker must list the public key in its --allow-workers directory.",
+)
+@click.option(
+    "--curve-server-key",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    show_envvar=True,
+    metavar="FILE",
+    help="The broker's CURVE public key (NAME.key).",
+)
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="PATTERN",
+    show_envvar=True,
+    help="Only run commands matching this fnmatch pattern (repeatable; in the environment "
+    "variable: separated by spaces): the program for os (a pattern without / matches only a "
+    "bare name looked up in PATH), the first word for shell (whose script may then not "
+    "contain ; & | ` $( < > or newlines). Requests outside get status rejected, and may not "
+    "set PATH, LD_*, PYTHON*... in env. Default: everything. See spec/security.md.",
+)
+@click.option(
+    "--deny-env",
+    is_flag=True,
+    show_envvar=True,
+    help="Reject (status rejected) requests that carry environment variables. Commands always "
+    "start from a minimal environment (PATH, HOME, LANG), never the worker's own.",
+)
+@click.option(
+    "--user",
+    default=None,
+    metavar="NAME",
+    show_envvar=True,
+    help="Run commands as this user (its uid, gid and groups). The worker must be started as root.",
+)
+@click.option(
+    "--max-memory",
+    type=ByteSize(),
+    default=None,
+    show_envvar=True,
+    help="Address-space limit of each command (RLIMIT_AS, set in the child; K/M/G = "
+    "KiB/MiB/GiB): a command that asks for more fails at once instead of exhausting the "
+    "machine. Leave room for the program itself (Python needs some tens of MB).",
+)
+@click.option(
+    "--max-procs",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    show_envvar=True,
+    help="Process limit (RLIMIT_NPROC, set in the child). The kernel counts all processes of "
+    "the user the command runs as, so use it with --user and a dedicated account.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-worker")
 def main(
     services: tuple[str, ...],
@@ -187,6 +256,13 @@ def main(
     grace: float,
     log_level: str,
     log_json: bool,
+    curve_secret_key: str | None,
+    curve_server_key: str | None,
+    allow: tuple[str, ...],
+    deny_env: bool,
+    user: str | None,
+    max_memory: int | None,
+    max_procs: int | None,
 ) -> None:
     """Host services on an MDP broker: run the commands clients send to "os" and "shell".
 
@@ -214,10 +290,24 @@ def main(
       mdp-worker -s upper=mypackage.handlers:upper
     """
     logs.configure(log_level, log_json)
+    socket_options = _curve_options(curve_secret_key, curve_server_key)
+    if not socket_options and not is_local_endpoint(broker):
+        log.warning("connecting to %s without CURVE: nothing is encrypted", broker)
+    child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
+    try:
+        child.check_user()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--user'") from None
+    if user is None and os.geteuid() == 0:
+        log.warning("running as root without --user: commands run as root")
     settings = CommandSettings(
         default_timeout=default_timeout,
         max_timeout=max_timeout,
         limits=Limits(max_output=max_output, progress_interval=progress_interval),
+        policy=CommandPolicy(
+            allow=tuple(word for value in allow for word in value.split()), deny_env=deny_env
+        ),
+        child=child,
     )
     specs = [word for value in services for word in value.split()]
     try:
@@ -230,6 +320,7 @@ def main(
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
         grace=grace,
+        socket_options=socket_options,
     )
     log.info(
         "serving %s on %s (MDP/%s, %d connection%s each, pid %d)",
@@ -246,6 +337,19 @@ def main(
         sys.exit(130)
     log.info("stopped")
     sys.exit(0)
+
+
+def _curve_options(secret: str | None, server: str | None) -> list[tuple[int, int | bytes]]:
+    if secret is None and server is None:
+        return []
+    if secret is None or server is None:
+        raise click.UsageError("--curve-secret-key and --curve-server-key go together")
+    try:
+        return curve_client_options(secret, server)
+    except KeyFileError as exc:
+        raise click.BadParameter(
+            str(exc), param_hint="'--curve-secret-key/--curve-server-key'"
+        ) from None
 
 
 __all__ = ["BUILTIN", "main"]

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mdp.security import ChildLimits, CommandPolicy
 from mdp.worker import Request, Service
 from services.bodies import (
     BodyError,
@@ -62,6 +63,10 @@ class CommandSettings:
     max_timeout: float = DEFAULT_MAX_TIMEOUT
     """No command runs longer, whatever its request says."""
     limits: Limits = field(default_factory=Limits)
+    policy: CommandPolicy = field(default_factory=CommandPolicy)
+    """Which commands may run (--allow, --deny-env); others are answered `rejected`."""
+    child: ChildLimits = field(default_factory=ChildLimits)
+    """The user commands run as and their resource limits (--user, --max-memory, ...)."""
 
     def __post_init__(self) -> None:
         if self.default_timeout <= 0 or self.max_timeout <= 0:
@@ -126,6 +131,10 @@ class CommandService:
         self.cache = cache if cache is not None else RequestCache()
         self.host = socket.gethostname()
         self.environment = base_environment()
+        account = self.settings.child.check_user()  # ValueError: unknown user, or not root
+        if account is not None:
+            self.environment["HOME"] = account.pw_dir
+        self._popen_kwargs = self.settings.child.popen_kwargs()
 
     def service(self, name: str | None = None) -> Service:
         return Service(name or self.mode, self, self.error_reply)
@@ -145,6 +154,21 @@ class CommandService:
                 errors=exc.errors,
                 worker=worker,
                 request_id=_peek_request_id(request.body),
+            )
+            return [result.pack()]
+        refused = self.settings.policy.check(self.mode, command.command_name, command.env)
+        if refused is not None:
+            # spec/security.md §10: outside the worker's policy nothing runs.
+            log.warning(
+                "%s: rejected %s %r for client %s: %s",
+                worker.id,
+                self.mode,
+                command.command_name[:80],
+                request.client.hex(),
+                refused,
+            )
+            result = CommandResult(
+                status="rejected", message=refused, worker=worker, request_id=command.request_id
             )
             return [result.pack()]
         if command.request_id is None:
@@ -202,6 +226,7 @@ class CommandService:
             cwd=command.cwd,
             stdin=command.stdin,
             emit=emit,
+            popen_kwargs=self._popen_kwargs,
         )
         message = outcome.message
         if outcome.status == "timeout" and wanted > settings.max_timeout:
@@ -220,10 +245,11 @@ class CommandService:
             message=message,
         )
         log.info(
-            "%s: %s %r -> %s%s in %.0f ms",
+            "%s: %s %r for client %s -> %s%s in %.0f ms",
             worker.id,
             self.mode,
             command.command_name[:80],
+            request.client.hex(),
             outcome.status,
             f" (exit {outcome.exit_code})" if outcome.exit_code else "",
             outcome.duration_ms,

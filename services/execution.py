@@ -31,7 +31,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from services.bodies import Output, Progress
 
@@ -267,9 +267,12 @@ async def run_process(
     cwd: str | None = None,
     stdin: bytes | None = None,
     emit: Emit | None = None,
+    popen_kwargs: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Run `argv` (no shell involved) and return how it ended. Never raises for anything the
-    command does; cancellation kills the process group and re-raises."""
+    command does; cancellation kills the process group and re-raises. `popen_kwargs` are
+    extra `subprocess.Popen` arguments (the worker's user switch and resource limits,
+    `mdp.security.ChildLimits.popen_kwargs`)."""
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -281,6 +284,7 @@ async def run_process(
             env=dict(env),
             start_new_session=True,
             close_fds=True,
+            **(popen_kwargs or {}),
         )
     except OSError as exc:
         return Outcome(
