@@ -275,8 +275,20 @@ def is_local_endpoint(endpoint: str) -> bool:
 
 
 def exposed_endpoints(endpoints: Iterable[str]) -> list[str]:
-    """The endpoints among `endpoints` that other machines might reach."""
-    return [e for e in endpoints if not is_local_endpoint(e)]
+    """The endpoints among `endpoints` that other machines might reach.
+
+    A tcp:// endpoint whose port is neither a number nor `*` is left out: ZeroMQ refuses to
+    bind it, and that error says more than a refusal about authentication would.
+    """
+    return [e for e in endpoints if not is_local_endpoint(e) and not _unbindable_tcp(e)]
+
+
+def _unbindable_tcp(endpoint: str) -> bool:
+    transport, _, address = endpoint.partition("://")
+    if transport.lower() != "tcp" or ":" not in address:
+        return False
+    port = address.rsplit(":", 1)[1]
+    return not (port.isdigit() or port == "*")
 
 
 def insecure_bind_help(endpoints: Sequence[str]) -> str:

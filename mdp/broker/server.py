@@ -198,7 +198,10 @@ class BrokerServer:
             self._wake_w.close()
             if restore is not None:
                 restore()
-            log.info("broker stopped; counters: %s", core.stats.as_dict())
+            counters = core.stats.as_dict()
+            if auth is not None:
+                counters["refused_by_role_check"] = auth.refused
+            log.info("broker stopped; counters: %s", counters)
 
     def _drain_authenticated(self, sock: zmq.Socket[bytes], auth: BrokerAuth, now: float) -> None:
         """The drain loop under CURVE: each message's ZAP User-Id (the sender's public key)

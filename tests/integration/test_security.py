@@ -8,6 +8,7 @@ frames and handshake events; tests/integration/test_security_services.py drives 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -385,3 +386,40 @@ def test_curve_is_configured_from_environment_variables(
         assert refused_at_handshake(Peer(ctx, keys, broker.endpoint, None))
     finally:
         broker.stop()
+
+
+# --- the asyncio ZAP handler --------------------------------------------------------------
+
+
+async def test_the_asyncio_zap_handler_applies_the_same_allow_lists(keys: Keys) -> None:
+    import zmq.asyncio
+
+    from mdp.security import AllowLists, AsyncZapAuthenticator, BrokerAuth, load_key_pair
+
+    context = zmq.asyncio.Context()
+    zap = AsyncZapAuthenticator(AllowLists(keys.clients, keys.workers))
+    try:
+        zap.start(context)
+        auth = BrokerAuth(load_key_pair(keys.secret("broker")), zap.lists)
+        server = context.socket(zmq.ROUTER)
+        for option, value in auth.socket_options():
+            server.setsockopt(option, value)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            alice = Peer(sync_ctx, keys, f"tcp://127.0.0.1:{port}", "alice")
+            alice.send(b"MDPC02", b"\x01", b"svc", b"hi")
+            frame = await asyncio.wait_for(server.recv(copy=False), 10)
+            assert frame.get("User-Id") == load_public_key(keys.public("alice")).decode()
+            mallory = Peer(sync_ctx, keys, f"tcp://127.0.0.1:{port}", "mallory")
+            mallory.send(b"MDPC02", b"\x01", b"svc", b"hi")
+            assert await asyncio.to_thread(mallory.handshake) == (
+                zmq.Event.HANDSHAKE_FAILED_AUTH,
+                400,
+            )
+        finally:
+            sync_ctx.destroy(linger=0)
+            server.close(linger=0)
+    finally:
+        await zap.stop()
+        context.destroy(linger=0)

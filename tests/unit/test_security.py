@@ -139,7 +139,11 @@ def test_only_loopback_ipc_and_inproc_count_as_local(endpoint: str, local: bool)
 
 
 def test_the_refusal_explains_the_set_up_with_exact_commands() -> None:
-    assert exposed_endpoints(["tcp://127.0.0.1:1", "tcp://*:2"]) == ["tcp://*:2"]
+    assert exposed_endpoints(["tcp://127.0.0.1:1", "tcp://*:2", "tcp://*:*"]) == [
+        "tcp://*:2",
+        "tcp://*:*",
+    ]
+    assert exposed_endpoints(["tcp://not-an-address:x"]) == []  # bind() will say why
     text = insecure_bind_help(["tcp://*:2"])
     for needle in (
         "mdp-keys generate broker --dir keys",
@@ -495,3 +499,19 @@ def test_mdp_keys_refuses_to_overwrite_or_to_replace_another_key(tmp_path: Path)
         keys_main, ["allow", "worker", str(tmp_path / "b.key"), "--dir", allowed, "--name", "a"]
     )
     assert result.exit_code == 1 and "different key" in result.output
+
+
+# --- the library's safe default -----------------------------------------------------------
+
+
+def test_broker_server_refuses_an_exposed_endpoint_before_binding() -> None:
+    from mdp.broker.server import BrokerServer, InsecureBindError
+
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        server = BrokerServer(["tcp://127.0.0.1:0", "tcp://0.0.0.0:0"], context=context)
+        with pytest.raises(InsecureBindError, match="mdp-keys generate"):
+            server.bind()
+        assert server.bound == []
+    finally:
+        context.destroy(linger=0)
