@@ -75,6 +75,7 @@ __all__ = [
     "KeyFileError",
     "KeyPair",
     "Peer",
+    "SecurityError",
     "ZapThread",
     "curve_client_options",
     "exposed_endpoints",
@@ -106,7 +107,11 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 SocketOptions = list[tuple[int, int | bytes]]
 
 
-class KeyFileError(MDPError):
+class SecurityError(MDPError):
+    """CURVE cannot be set up as asked (so the program must not start without it)."""
+
+
+class KeyFileError(SecurityError):
     """A certificate file or allow-list directory is missing, unreadable or malformed."""
 
 
@@ -476,6 +481,18 @@ def zap_reply(request: list[bytes], lists: AllowLists) -> list[bytes]:
     return [ZAP_VERSION, request_id, b"200", b"OK", peer.key.encode("ascii"), b""]
 
 
+def _safe_reply(request: list[bytes], lists: AllowLists) -> list[bytes]:
+    """`zap_reply`, but a bug in it refuses the handshake (500) instead of killing the
+    handler: a REP socket must answer every request, and no answer would stall every
+    handshake."""
+    try:
+        return zap_reply(request, lists)
+    except Exception:
+        log.exception("ZAP handler failed; refusing the connection")
+        request_id = request[1] if len(request) > 1 else b""
+        return [ZAP_VERSION, request_id, b"500", b"internal error", b"", b""]
+
+
 class ZapThread:
     """The ZAP handler in a daemon thread, for the broker's (non-asyncio) poll loop.
 
@@ -500,7 +517,7 @@ class ZapThread:
             sock.bind(ZAP_ENDPOINT)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise KeyFileError(f"cannot start the ZAP handler: {exc}") from None
+            raise SecurityError(f"cannot start the ZAP handler: {exc}") from None
         self._socket = sock
         self._thread = threading.Thread(target=self._run, name="mdp-zap", daemon=True)
         self._thread.start()
@@ -526,7 +543,7 @@ class ZapThread:
                 timeout = max(0.0, next_scan - time.monotonic())
                 events = dict(poller.poll(math.ceil(timeout * 1000)))
                 if events.get(sock):
-                    sock.send_multipart(zap_reply(sock.recv_multipart(), self.lists))
+                    sock.send_multipart(_safe_reply(sock.recv_multipart(), self.lists))
                 if time.monotonic() >= next_scan:
                     self._rescan()
                     next_scan = time.monotonic() + self.rescan_interval
@@ -562,7 +579,7 @@ class AsyncZapAuthenticator:
             sock.bind(ZAP_ENDPOINT)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            raise KeyFileError(f"cannot start the ZAP handler: {exc}") from None
+            raise SecurityError(f"cannot start the ZAP handler: {exc}") from None
         self._socket = sock
         self._task = asyncio.get_running_loop().create_task(self._run(sock), name="mdp-zap")
 
@@ -580,7 +597,7 @@ class AsyncZapAuthenticator:
                 timeout = max(0.0, next_scan - time.monotonic())
                 if await sock.poll(math.ceil(timeout * 1000)):
                     request = await sock.recv_multipart()
-                    await sock.send_multipart(zap_reply(request, self.lists))
+                    await sock.send_multipart(_safe_reply(request, self.lists))
                 if time.monotonic() >= next_scan:
                     try:
                         self.lists.refresh()

@@ -10,7 +10,7 @@ import zmq
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
-from mdp.security import BrokerAuth, KeyFileError
+from mdp.security import BrokerAuth, SecurityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
 
@@ -168,7 +168,7 @@ def main(
         server.bind()
     except InsecureBindError as exc:
         raise click.ClickException(str(exc)) from None
-    except KeyFileError as exc:
+    except SecurityError as exc:
         raise click.ClickException(str(exc)) from None
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot listen on {', '.join(binds)}: {exc}") from None
@@ -193,5 +193,5 @@ def _curve(
         click.echo("mdp-broker: --insecure is ignored: CURVE is on", err=True)
     try:
         return BrokerAuth.from_files(secret_key, clients, workers)
-    except KeyFileError as exc:
+    except SecurityError as exc:
         raise click.ClickException(str(exc)) from None

@@ -94,8 +94,9 @@ class BrokerServer:
     def bind(self) -> list[str]:
         """Create the ROUTER socket and bind every endpoint; return the bound endpoints.
 
-        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed), and
-        InsecureBindError, before binding anything, for an exposed endpoint without `auth`.
+        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed),
+        InsecureBindError, before binding anything, for an exposed endpoint without `auth`,
+        and mdp.security.SecurityError if the ZAP handler cannot start.
         """
         auth = self.auth
         if auth is None:

@@ -515,3 +515,19 @@ def test_broker_server_refuses_an_exposed_endpoint_before_binding() -> None:
         assert server.bound == []
     finally:
         context.destroy(linger=0)
+
+
+def test_a_failing_zap_handler_refuses_instead_of_dying(
+    dirs: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from mdp.security import _safe_reply
+
+    keys, clients, workers = dirs
+    lists = AllowLists(clients, workers)
+
+    def broken() -> bool:
+        raise RuntimeError("bug")
+
+    lists.refresh = broken  # type: ignore[method-assign]
+    assert _safe_reply(zap_request(raw(keys, "alice")), lists)[:3] == [b"1.0", b"7", b"500"]
+    assert "ZAP handler failed" in caplog.text
