@@ -9,6 +9,7 @@ CPU time is user+system of the broker's own process, read with psutil by PID.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -67,6 +68,13 @@ class BrokerProcess:
         times = self.process.cpu_times()
         return float(times.user + times.system)
 
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU time of the broker's main (Python) thread only; the rest is ZeroMQ's I/O thread."""
+        for thread in self.process.threads():
+            if thread.id == self.pid:
+                return float(thread.user_time + thread.system_time)
+        return float("nan")
+
     def rss_bytes(self) -> int:
         """The broker's resident set size now."""
         return int(self.process.memory_info().rss)
@@ -104,7 +112,7 @@ class BrokerProcess:
             return self.stderr_path.read_text(errors="replace")[-limit:]
         return ""
 
-    def stop(self) -> int | None:
+    def stop(self, grace: float = STOP_GRACE) -> int | None:
         """Stop the broker by PID: SIGTERM, a short grace, then SIGKILL. Returns its exit code.
 
         majortomo only notices SIGTERM when its 2.5 s receive timeout ends, so it is usually
@@ -113,7 +121,7 @@ class BrokerProcess:
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
-                self.popen.wait(STOP_GRACE)
+                self.popen.wait(grace)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5.0)
@@ -128,27 +136,39 @@ def broker_command(
     max_queue: int | None = None,
     request_ttl: float | None = None,
     config_path: Path | None = None,
+    wrapper: list[str] | None = None,
 ) -> list[str]:
-    """The command line that starts broker `kind` on `endpoint`."""
+    """The command line that starts broker `kind` on `endpoint`.
+
+    `wrapper` goes between the interpreter and `-m`, e.g. `["-m", "cProfile", "-o", PATH]`.
+    """
+    python = [sys.executable, *(wrapper or [])]
     if kind == "ours":
-        command = [sys.executable, "-m", "mdp.broker", "--bind", endpoint, "--log-level", "WARNING"]
+        command = [*python, "-m", "mdp.broker", "--bind", endpoint, "--log-level", "WARNING"]
         if max_queue is not None:
             command += ["--max-queue", str(max_queue)]
         if request_ttl is not None:
             command += ["--request-ttl", str(request_ttl)]
         return command
-    command = [sys.executable, "-m", "majortomo.broker", "-b", endpoint]
+    command = [*python, "-m", "majortomo.broker", "-b", endpoint]
     if config_path is not None:
         command += ["-c", str(config_path)]
     return command
 
 
 def start_broker(
-    kind: BrokerKind, *, max_queue: int | None = None, request_ttl: float | None = None
+    kind: BrokerKind,
+    *,
+    max_queue: int | None = None,
+    request_ttl: float | None = None,
+    wrapper: list[str] | None = None,
+    pythonpath: str | None = None,
 ) -> BrokerProcess:
     """Start broker `kind` on a free loopback port and wait until it accepts connections.
 
     `max_queue` and `request_ttl` apply to our broker only (majortomo has neither limit).
+    `wrapper`: see `broker_command`. `pythonpath` is put first on the broker's PYTHONPATH, to
+    measure a patched copy of a package without touching the installed one.
     """
     workdir = tempfile.TemporaryDirectory(prefix=f"mdp-bench-{kind}-")
     config_path = Path(workdir.name) / "majortomo-logging.yaml"
@@ -157,11 +177,20 @@ def start_broker(
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     command = broker_command(
-        kind, endpoint, max_queue=max_queue, request_ttl=request_ttl, config_path=config_path
+        kind,
+        endpoint,
+        max_queue=max_queue,
+        request_ttl=request_ttl,
+        config_path=config_path,
+        wrapper=wrapper,
     )
+    env = None
+    if pythonpath:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     with stderr_path.open("wb") as stderr:
         popen = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
         )
     broker = BrokerProcess(
         kind, endpoint, command, popen, psutil.Process(popen.pid), stderr_path, workdir

@@ -364,6 +364,9 @@ class ThroughputResult:
     p99_ms: float
     max_ms: float
     cpu_ms_per_1000: float
+    """Broker process CPU (all threads, user+system) per 1,000 requests."""
+    main_thread_ms_per_1000: float
+    """Of which the broker's main (Python) thread; the rest is ZeroMQ's I/O thread."""
     broker_cpu_s: float
     rss_mb: float
     worker_handled: list[int] = field(default_factory=list)
@@ -447,7 +450,7 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
             barrier.wait(timeout=60)
         except threading.BrokenBarrierError:
             errors.append("clients did not all finish their warm-up")
-        cpu0 = broker.cpu_seconds()
+        cpu0, main0 = broker.cpu_seconds(), broker.main_thread_cpu_seconds()
         t0 = time.monotonic()
         bound = scenario.max_seconds + REPLY_TIMEOUT_MS / 1000 + 30
         for _ in clients:
@@ -456,7 +459,7 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
             except Exception:  # queue.Empty: a client died or hung; the rest is still valid
                 errors.append("a client did not report")
                 break
-        cpu1 = broker.cpu_seconds()
+        cpu1, main1 = broker.cpu_seconds(), broker.main_thread_cpu_seconds()
         rss = broker.rss_bytes()
         stop.set()
         for _ in workers:
@@ -478,6 +481,7 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
     t_end = max((r.t_end for r in results), default=t0)
     elapsed = max(t_end - t0, 1e-9)
     cpu = cpu1 - cpu0
+    per_1000 = 1e6 / completed if completed else float("nan")
     return ThroughputResult(
         broker=broker.kind,
         dialect=dialect,
@@ -490,7 +494,8 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
         p50_ms=percentile(ordered, 0.50) / 1e6,
         p99_ms=percentile(ordered, 0.99) / 1e6,
         max_ms=(ordered[-1] if ordered else 0) / 1e6,
-        cpu_ms_per_1000=cpu * 1e6 / completed if completed else float("nan"),
+        cpu_ms_per_1000=cpu * per_1000,
+        main_thread_ms_per_1000=(main1 - main0) * per_1000,
         broker_cpu_s=cpu,
         rss_mb=rss / 2**20,
         worker_handled=[s.handled for s in stats],

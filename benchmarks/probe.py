@@ -1,18 +1,31 @@
 """`python -m benchmarks.probe`: one throughput scenario against one broker, for quick checks
-and profiling (`--broker-command` runs the broker under cProfile or py-spy).
+and profiling.
+
+    python -m benchmarks.probe --broker ours --clients 8 --workers 4 --requests 24000
+    python -m benchmarks.probe --broker ours --profile /tmp/ours.prof   # broker under cProfile
+    python -m pstats /tmp/ours.prof                                     # then: sort tottime
+
+With `--profile` the broker runs as `python -m cProfile -o PATH -m ...` and is given time to
+exit on SIGTERM so the profile is written (majortomo needs up to 2.5 s for that). Profiled
+CPU figures are inflated by the profiler; compare them only with each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import signal
+import statistics
+import subprocess
+import time
 
 from benchmarks.brokers import BROKERS, start_broker
-from benchmarks.loadgen import DIALECTS, NATIVE_DIALECT, Scenario, run_throughput
+from benchmarks.loadgen import DIALECTS, NATIVE_DIALECT, Scenario, ThroughputResult, run_throughput
 
 
 def main() -> None:
-    """`python -m benchmarks.loadgen`: one scenario against one broker, printed."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    """Parse options, run the scenario `--repeat` times, print each result and the medians."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe", description=__doc__)
     parser.add_argument("--broker", choices=BROKERS, default="ours")
     parser.add_argument("--dialect", choices=[*DIALECTS, "native"], default="native")
     parser.add_argument("--clients", type=int, default=8)
@@ -21,10 +34,23 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=64)
     parser.add_argument("--requests", type=int, default=24_000)
     parser.add_argument("--max-seconds", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--profile", metavar="PATH", help="run the broker under cProfile")
+    parser.add_argument(
+        "--pythonpath",
+        metavar="DIR",
+        help="put DIR first on the broker's PYTHONPATH (A/B-test a patched copy of mdp/)",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="PATH",
+        help="sample the broker with `py-spy record --native --format raw` (collapsed stacks, "
+        "active samples only) into PATH; needs py-spy on PATH",
+    )
     args = parser.parse_args()
     dialect = NATIVE_DIALECT[args.broker] if args.dialect == "native" else args.dialect
     scenario = Scenario(
-        "cli",
+        "probe",
         args.clients,
         args.workers,
         args.outstanding,
@@ -32,13 +58,51 @@ def main() -> None:
         args.requests,
         args.max_seconds,
     )
-    broker = start_broker(args.broker)
-    try:
-        result = run_throughput(broker, dialect, scenario)
-    finally:
-        broker.stop()
-    for name in result.__slots__:  # type: ignore[attr-defined]
-        print(f"{name:>16}: {getattr(result, name)}")
+    wrapper = ["-m", "cProfile", "-o", args.profile] if args.profile else None
+    results: list[ThroughputResult] = []
+    for _ in range(max(1, args.repeat)):
+        broker = start_broker(args.broker, wrapper=wrapper, pythonpath=args.pythonpath)
+        spy = _start_py_spy(broker.pid, args.py_spy) if args.py_spy else None
+        try:
+            results.append(run_throughput(broker, dialect, scenario))
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait(5)
+            broker.stop(grace=5.0 if args.profile else 0.5)
+        r = results[-1]
+        print(
+            f"{r.broker} ({r.dialect}) {r.completed} req in {r.elapsed:.2f} s: "
+            f"{r.rps:,.0f} req/s, p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} max {r.max_ms:.2f} ms, "
+            f"CPU {r.cpu_ms_per_1000:.1f} ms/1k (main thread {r.main_thread_ms_per_1000:.1f}), "
+            f"RSS {r.rss_mb:.1f} MB"
+            + (f", lost {r.lost} bad {r.bad}" if r.lost or r.bad else "")
+            + (f", {r.errors}" if r.errors else "")
+        )
+    if len(results) > 1:
+        medians = {
+            f.name: statistics.median(getattr(r, f.name) for r in results)
+            for f in dataclasses.fields(ThroughputResult)
+            if f.name in ("rps", "p99_ms", "cpu_ms_per_1000", "main_thread_ms_per_1000")
+        }
+        print("medians:", ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
+
+
+def _start_py_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
+    spy = subprocess.Popen(
+        [
+            *("py-spy", "record", "--pid", str(pid), "--native", "--rate", "500"),
+            *("--format", "raw", "--output", path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # let it attach before the load starts
+    return spy
 
 
 if __name__ == "__main__":
