@@ -18,16 +18,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from services.bodies import (
-    MAX_COMMAND_NAME,
-    MAX_ENV_VARS,
-    MAX_PARAMETER,
-    MAX_PARAMETERS,
-    MAX_TIMEOUT,
-    CommandRequest,
-)
+from mdp.protocol import ProtocolError, validate_service_name
+from services.bodies import CommandFields, CommandRequest
 
 __all__ = ["EX_DATAERR", "EX_NOINPUT", "CommandSpec", "InputError", "load_commands"]
 
@@ -37,7 +31,6 @@ EX_NOINPUT = 66
 """The file does not exist or cannot be read (sysexits.h)."""
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
-MAX_SERVICE_NAME = 255
 
 
 class InputError(Exception):
@@ -49,61 +42,23 @@ class InputError(Exception):
         self.exit_code = exit_code
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
-class CommandSpec(BaseModel):
-    """One entry of a commands file."""
+class CommandSpec(CommandFields):
+    """One entry of a commands file: a command and the service that runs it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     command_type: Annotated[str, Field(min_length=1)]
     """The service that runs the command: "os", "shell", ..."""
-    command_name: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_NAME)]
-    parameters: Annotated[
-        list[Annotated[str, Field(max_length=MAX_PARAMETER)]], Field(max_length=MAX_PARAMETERS)
-    ] = []
-    timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] | None = None
-    """Seconds the worker lets the command run (the worker caps it, default 30 s)."""
-    cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
-    env: Annotated[dict[str, str], Field(max_length=MAX_ENV_VARS)] | None = None
-    """Added to the worker's minimal environment."""
 
     @field_validator("command_type")
     @classmethod
     def _service_name(cls, value: str) -> str:
-        if len(value.encode()) > MAX_SERVICE_NAME:
-            raise ValueError(f"service names are at most {MAX_SERVICE_NAME} bytes")
-        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-            raise ValueError("service names must not contain control characters")
+        try:
+            validate_service_name(value.encode())
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
         if value.startswith("mmi."):
             raise ValueError("mmi.* names belong to the broker's management interface")
-        return value
-
-    @field_validator("command_name", "cwd")
-    @classmethod
-    def _text_has_no_nul(cls, value: str | None) -> str | None:
-        return None if value is None else _no_nul(value)
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameters_have_no_nul(cls, value: list[str]) -> list[str]:
-        for item in value:
-            _no_nul(item)
-        return value
-
-    @field_validator("env")
-    @classmethod
-    def _env_is_well_formed(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is None:
-            return None
-        for key, item in value.items():
-            if not key or "=" in key or "\x00" in key:
-                raise ValueError(f"bad environment variable name {key!r}")
-            _no_nul(item)
         return value
 
     def request(self, request_id: str) -> CommandRequest:

@@ -46,18 +46,18 @@ class _Body(BaseModel):
         return pack(self.model_dump(exclude_none=True))
 
 
-class CommandRequest(_Body):
-    """A request to the "os" or "shell" service."""
+class CommandFields(_Body):
+    """What a command is, shared by the request body and the command client's file entries."""
 
     command_name: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_NAME)]
     parameters: Annotated[
         list[Annotated[str, Field(max_length=MAX_PARAMETER)]], Field(max_length=MAX_PARAMETERS)
     ] = []
     timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] | None = None
-    request_id: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID)] | None = None
+    """Seconds the worker lets the command run (the worker caps it)."""
     cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     env: Annotated[dict[str, str], Field(max_length=MAX_ENV_VARS)] | None = None
-    stdin: Annotated[bytes, Field(max_length=MAX_STDIN)] | None = None
+    """Added to the worker's minimal environment."""
 
     @field_validator("command_name", "cwd")
     @classmethod
@@ -81,6 +81,13 @@ class CommandRequest(_Body):
                 raise ValueError(f"bad environment variable name {key!r}")
             _no_nul(item)
         return value
+
+
+class CommandRequest(CommandFields):
+    """A request to the "os" or "shell" service."""
+
+    request_id: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID)] | None = None
+    stdin: Annotated[bytes, Field(max_length=MAX_STDIN)] | None = None
 
 
 class WorkerInfo(_Body):
