@@ -67,6 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--broker-cmd") and config.getoption("--broker-endpoint"):
+        raise pytest.UsageError("give --broker-cmd or --broker-endpoint, not both")
     config.addinivalue_line(
         "markers",
         "dialects: non-RFC framings our broker also accepts; deselect with -m 'not dialects' "

@@ -10,6 +10,8 @@ worker header may get a DISCONNECT (in any framing) or nothing; a client sender 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from tests.conformance.harness import Harness, Peer, unique
@@ -195,7 +197,7 @@ def test_worker_ready_with_an_empty_service_name_is_dropped(peers: Harness, vers
     check_worker_messages_dropped(peers, version, unique("noname"), messages)
 
 
-BAD_ENVELOPES = {
+BAD_ENVELOPES: dict[str, Callable[[bytes], list[bytes]]] = {
     # frames after the command byte, given the client address
     "delimiter-not-empty": lambda client: [client, b"junk", b"body"],
     "no-delimiter": lambda client: [client, b"body"],

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Iterator
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 import zmq
 

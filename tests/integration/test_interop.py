@@ -170,6 +170,7 @@ def test_rfc7_req_client_round_trips_through_an_rfc18_worker(
         return None if frames == [b"MDPW02", b"\x05"] else frames
 
     frames = wait_until(request, timeout=TIMEOUT, interval=0, what="the REQUEST")
+    assert frames is not None
     assert frames[:2] == [b"MDPW02", b"\x02"] and frames[3:] == [b"", b"ping", b""]
     worker.send_multipart([b"MDPW02", b"\x04", frames[2], b"", b"pong"])
     assert recv(client) == [b"MDPC01", b"req-echo", b"pong"]
