@@ -86,4 +86,4 @@ def test_worker_disconnect_stops_all_traffic_to_it(peers: Harness, version: str)
     assert request.body == [b"after"]
     other.final(request.client, b"from-other")
     assert client.recv().body == [b"from-other"]
-    assert not leaving.after_own_disconnect
+    leaving.expect_nothing_after_own_disconnect(0)
