@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,19 +58,46 @@ def wait_until(
 
 
 class Process:
-    """A subprocess we started, in its own process group, stopped only by its own PID/PGID."""
+    """A subprocess we started, in its own process group, stopped only by its own PID/PGID.
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, **kw: object):
+    Output goes to pipes the test reads, or with `to_files=True` to temporary files, so a
+    long-lived process that logs a lot can never block on a full pipe nobody reads.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        *,
+        to_files: bool = False,
+        **kw: object,
+    ):
         self.argv = list(argv)
         full_env = {**os.environ, **(env or {})}
+        # Closed in stop(); they must outlive this call.
+        self._files = (
+            (tempfile.TemporaryFile(), tempfile.TemporaryFile())  # noqa: SIM115
+            if to_files
+            else None
+        )
+        out, err = self._files or (subprocess.PIPE, subprocess.PIPE)
         self.popen = subprocess.Popen(
             self.argv,
             env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
             start_new_session=True,
             **kw,  # type: ignore[arg-type]
         )
+
+    def output(self) -> tuple[bytes, bytes]:
+        """What a `to_files` process has written so far: (stdout, stderr)."""
+        assert self._files is not None, "output() needs to_files=True"
+        result = []
+        for f in self._files:
+            f.seek(0)
+            result.append(f.read())
+        return result[0], result[1]
 
     @property
     def pid(self) -> int:
@@ -94,6 +122,11 @@ class Process:
         except subprocess.TimeoutExpired:
             self.kill()
             out, err = self.popen.communicate(timeout=timeout)
+        if self._files is not None:
+            out, err = self.output()
+            for f in self._files:
+                f.close()
+            self._files = None
         return self.popen.returncode, out, err
 
     def kill(self) -> None:
@@ -115,6 +148,7 @@ def start_broker(endpoint: str, *extra: str, **kw: object) -> Process:
             str(TEST_LIVENESS),
             *extra,
         ],
+        to_files=True,
         **kw,
     )
     if endpoint.startswith("tcp://"):
@@ -122,7 +156,7 @@ def start_broker(endpoint: str, *extra: str, **kw: object) -> Process:
 
         def bound() -> bool:
             if not proc.alive():
-                raise AssertionError(f"broker exited: {proc.popen.stderr.read()!r}")  # type: ignore[union-attr]
+                raise AssertionError(f"broker exited: {proc.output()[1]!r}")
             try:
                 with socket.create_connection((host, int(port)), timeout=0.2):
                     return True
