@@ -216,7 +216,11 @@ class BrokerServer:
             frames = [first.bytes]
             while _get(sock, _RCVMORE):
                 frames.append(_recv(sock, _NOBLOCK))
-            if admit(frames, first.get("User-Id")):
+            try:
+                user_id = first.get("User-Id")
+            except zmq.ZMQError:  # no such property: not a connection ZAP approved
+                user_id = None
+            if admit(frames, user_id):
                 handle(frames[0], frames[1:], now)
         if auth.audit_pending:
             auth.flush_audit()
