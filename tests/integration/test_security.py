@@ -423,3 +423,23 @@ async def test_the_asyncio_zap_handler_applies_the_same_allow_lists(keys: Keys) 
     finally:
         await zap.stop()
         context.destroy(linger=0)
+
+
+def test_help_documents_the_security_options() -> None:
+    broker = run_broker("--help").stdout
+    for text in (
+        "--curve-secret-key FILE",
+        "--allow-clients DIR",
+        "--allow-workers DIR",
+        "--insecure",
+        "MDP_BROKER_CURVE_SECRET_KEY",
+        "MDP_BROKER_ALLOW_CLIENTS",
+        "MDP_BROKER_ALLOW_WORKERS",
+        "MDP_BROKER_INSECURE",
+    ):
+        assert text in broker, text
+    keys_help = subprocess.run(
+        [script("mdp-keys"), "--help"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    for command in ("generate", "allow", "revoke", "list"):
+        assert command in keys_help, command
