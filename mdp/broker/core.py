@@ -376,6 +376,17 @@ class BrokerCore:
             self._drop_if_unused(service)
         return now + self._tick_period
 
+    def expel(self, identity: bytes) -> bool:
+        """Send DISCONNECT to a registered worker and forget it (e.g. its key was revoked).
+
+        Returns False if no worker has that identity. A request it held is lost (§3.4).
+        """
+        worker = self.workers.get(identity)
+        if worker is None:
+            return False
+        self._disconnect(worker, unexpected=False)
+        return True
+
     def disconnect_all(self) -> None:
         """Say DISCONNECT to every worker and forget them (for shutdown)."""
         for worker in list(self.workers.values()):

@@ -28,7 +28,6 @@ from zmq.backend import zmq_poll
 from mdp.broker.core import BrokerConfig, BrokerCore
 from mdp.errors import MDPError
 from mdp.fastzmq import POLLIN, readable, recv_frames, send_frames
-from mdp.protocol import Command
 from mdp.security import BrokerAuth, exposed_endpoints, insecure_bind_help
 
 log = logging.getLogger("mdp.broker")
@@ -175,7 +174,7 @@ class BrokerServer:
                 else:
                     if auth.lists.generation != generation:
                         generation = auth.lists.generation
-                        self._expel_revoked(auth, now)
+                        self._expel_revoked(auth)
                     self._drain_authenticated(sock, auth, now)
                 if outbox:
                     self._flush(sock)
@@ -225,23 +224,18 @@ class BrokerServer:
         if auth.audit_pending:
             auth.flush_audit()
 
-    def _expel_revoked(self, auth: BrokerAuth, now: float) -> None:
+    def _expel_revoked(self, auth: BrokerAuth) -> None:
         """The allow-lists changed: disconnect and forget workers whose key was revoked."""
         core = self.core
         for identity in auth.revoked_workers():
             worker = core.workers.get(identity)
-            if worker is None:
-                continue
-            log.warning(
-                "worker %s (%s): its key was revoked; disconnected",
-                identity.hex(),
-                worker.service.name.decode("utf-8", "replace"),
-            )
-            # The core forgets a worker that says DISCONNECT (RFC 7/18); say it on its behalf,
-            # then tell the worker.
-            goodbye = worker.framing.command(Command.DISCONNECT)
-            core.handle(identity, goodbye, now)
-            core.outbox.append([identity, *goodbye])
+            if worker is not None:
+                log.warning(
+                    "worker %s (%s): its key was revoked; disconnected",
+                    identity.hex(),
+                    worker.service.name.decode("utf-8", "replace"),
+                )
+                core.expel(identity)
 
     def _flush(self, sock: zmq.Socket[bytes]) -> None:
         stats = self.core.stats

@@ -443,3 +443,14 @@ def test_random_frames_never_raise_and_keep_state_consistent(steps: list) -> Non
     b.tick(now + 100)
     check_invariants(b)
     assert not b.workers and not b.services
+
+
+def test_expel_disconnects_a_worker_and_loses_its_request() -> None:
+    b = core()
+    ready02(b, b"W")
+    request02(b, b"C")
+    sent(b)
+    assert b.expel(b"W") is True
+    assert sent(b) == [[b"W", W02, b"\x06"]]
+    assert not b.workers and b.stats.requests_lost_with_worker == 1
+    assert b.expel(b"W") is False
