@@ -20,6 +20,7 @@ from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsol
 from clients.results import ExitCode, exit_code_for
 from clients.runner import RunSettings, ServiceCheckFailed, check_services, run_commands
 from mdp import __version__
+from mdp.cli_options import curve_peer_options
 from mdp.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_RETRIES,
@@ -165,21 +166,7 @@ class Connection:
         self.mdp_version: str = pick("mdp_version", "0.2")
         self.curve_secret_key: str | None = pick("curve_secret_key", None)
         self.curve_server_key: str | None = pick("curve_server_key", None)
-        self.socket_options = self._curve_options()
-
-    def _curve_options(self) -> list[tuple[int, int | bytes]]:
-        secret, server = self.curve_secret_key, self.curve_server_key
-        if secret is None and server is None:
-            return []
-        if secret is None or server is None:
-            raise click.UsageError("--curve-secret-key and --curve-server-key go together")
-        from mdp.security import KeyFileError, curve_client_options
-
-        try:
-            return curve_client_options(secret, server)
-        except KeyFileError as exc:
-            hint = "'--curve-secret-key/--curve-server-key'"
-            raise click.BadParameter(str(exc), param_hint=hint) from None
+        self.socket_options = curve_peer_options(self.curve_secret_key, self.curve_server_key)
 
     def client(self, brokers: Sequence[str] | None = None, *, local: bool = False) -> Client:
         """A Client for the given brokers; `local` (the embedded broker) skips CURVE."""

@@ -13,12 +13,11 @@ import click
 import zmq
 
 from mdp import __version__, logs
+from mdp.cli_options import curve_peer_options, log_options
 from mdp.protocol import Version
 from mdp.security import (
     ChildLimits,
     CommandPolicy,
-    KeyFileError,
-    curve_client_options,
     is_local_endpoint,
 )
 from mdp.worker import WorkerOptions, serve
@@ -170,15 +169,7 @@ def _check_endpoint(ctx: click.Context, param: click.Parameter, value: str) -> s
     help="On SIGINT/SIGTERM, how long running requests may still take before they are "
     "cancelled (a second signal cancels them at once).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(logs.LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    show_envvar=True,
-    help="INFO logs registrations, reconnections and one line per command; DEBUG every frame.",
-)
-@click.option("--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr.")
+@log_options("INFO logs registrations, reconnections and one line per command; DEBUG every frame.")
 @click.option(
     "--curve-secret-key",
     type=click.Path(exists=True, dir_okay=False),
@@ -290,7 +281,7 @@ def main(
       mdp-worker -s upper=mypackage.handlers:upper
     """
     logs.configure(log_level, log_json)
-    socket_options = _curve_options(curve_secret_key, curve_server_key)
+    socket_options = curve_peer_options(curve_secret_key, curve_server_key)
     if not socket_options and not is_local_endpoint(broker):
         log.warning("connecting to %s without CURVE: nothing is encrypted", broker)
     child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
@@ -337,19 +328,6 @@ def main(
         sys.exit(130)
     log.info("stopped")
     sys.exit(0)
-
-
-def _curve_options(secret: str | None, server: str | None) -> list[tuple[int, int | bytes]]:
-    if secret is None and server is None:
-        return []
-    if secret is None or server is None:
-        raise click.UsageError("--curve-secret-key and --curve-server-key go together")
-    try:
-        return curve_client_options(secret, server)
-    except KeyFileError as exc:
-        raise click.BadParameter(
-            str(exc), param_hint="'--curve-secret-key/--curve-server-key'"
-        ) from None
 
 
 __all__ = ["BUILTIN", "main"]

@@ -10,6 +10,7 @@ import zmq
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
+from mdp.cli_options import log_options
 from mdp.security import BrokerAuth, SecurityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
@@ -77,15 +78,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     show_envvar=True,
     help="Largest message accepted, in bytes; a peer sending more is disconnected by ZeroMQ.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(logs.LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    show_envvar=True,
-    help="INFO logs worker registrations and expiries; DEBUG also dumps every frame.",
-)
-@click.option("--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr.")
+@log_options("INFO logs worker registrations and expiries; DEBUG also dumps every frame.")
 @click.option(
     "--curve-secret-key",
     type=click.Path(exists=True, dir_okay=False),

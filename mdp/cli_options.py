@@ -1,0 +1,49 @@
+"""Command-line pieces shared by mdp-broker, mdp-worker and mdp-client (click)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from mdp import logs
+from mdp.security import KeyFileError, curve_client_options
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def log_options(info_help: str) -> Callable[[F], F]:
+    """Add --log-level (with `info_help` saying what INFO logs) and --log-json."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--log-json", is_flag=True, show_envvar=True, help="Log JSON lines on stderr."
+        )(f)
+        return click.option(
+            "--log-level",
+            type=click.Choice(logs.LEVELS, case_sensitive=False),
+            default="INFO",
+            show_default=True,
+            show_envvar=True,
+            help=info_help,
+        )(f)
+
+    return decorate
+
+
+def curve_peer_options(secret: str | None, server: str | None) -> list[tuple[int, int | bytes]]:
+    """Socket options for a CURVE client or worker, from --curve-secret-key/--curve-server-key.
+
+    Both or neither; a bad key file is a click usage error naming both options.
+    """
+    if secret is None and server is None:
+        return []
+    if secret is None or server is None:
+        raise click.UsageError("--curve-secret-key and --curve-server-key go together")
+    try:
+        return curve_client_options(secret, server)
+    except KeyFileError as exc:
+        raise click.BadParameter(
+            str(exc), param_hint="'--curve-secret-key/--curve-server-key'"
+        ) from None
