@@ -190,7 +190,12 @@ def start_broker(
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     with stderr_path.open("wb") as stderr:
         popen = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+            cwd=workdir.name,  # not the checkout: `-m` puts the working directory first
         )
     broker = BrokerProcess(
         kind, endpoint, command, popen, psutil.Process(popen.pid), stderr_path, workdir
