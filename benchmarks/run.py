@@ -34,7 +34,7 @@ import zmq
 from benchmarks.brokers import BROKERS, BrokerKind, BrokerProcess, start_broker
 from benchmarks.command import run_ceiling, run_command
 from benchmarks.loadgen import NATIVE_DIALECT, Scenario, run_throughput
-from benchmarks.report import RunData, chart, render, targets
+from benchmarks.report import RunData, chart, load, render, targets
 from benchmarks.scale import run_idle_workers, run_queue_drain
 
 HERE = Path(__file__).resolve().parent
@@ -66,12 +66,12 @@ def full_plan(repetitions: int) -> Plan:
     return Plan(
         repetitions=repetitions,
         scenarios=[
-            Scenario("1x1 sync 64 B", 1, 1, 1, 64, 5_000, 6.0),
+            Scenario("1x1 sync 64 B", 1, 1, 1, 64, 8_000, 6.0),
             Scenario("8x4 sync 64 B", 8, 4, 1, 64, 24_000, 6.0),
             Scenario("8x4 x32 64 B", 8, 4, 32, 64, 40_000, 6.0),
-            Scenario("1x1 sync 64 KiB", 1, 1, 1, 64 * KIB, 2_000, 6.0),
-            Scenario("8x4 sync 64 KiB", 8, 4, 1, 64 * KIB, 8_000, 6.0),
-            Scenario("8x4 x32 64 KiB", 8, 4, 32, 64 * KIB, 8_000, 6.0),
+            Scenario("1x1 sync 64 KiB", 1, 1, 1, 64 * KIB, 4_000, 6.0),
+            Scenario("8x4 sync 64 KiB", 8, 4, 1, 64 * KIB, 10_000, 6.0),
+            Scenario("8x4 x32 64 KiB", 8, 4, 32, 64 * KIB, 10_000, 6.0),
         ],
         variant="8x4 sync 64 B",
         command_count=1_500,
@@ -284,7 +284,22 @@ def main(argv: list[str] | None = None) -> int:
         help="where RESULTS.md, ratios.png and results.json go (default: benchmarks/, or "
         "benchmarks/quick/ with --quick, which git ignores)",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: rewrite RESULTS.md and ratios.png from a results.json",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        data = load(json.loads(args.render.read_text()))
+        out = args.output_dir or args.render.parent
+        (out / "RESULTS.md").write_text(
+            render(data, data.command_line or "python -m benchmarks.run")
+        )
+        chart(data, out / "ratios.png")
+        log(f"rewrote {out / 'RESULTS.md'} from {args.render}")
+        return 0
     plan = quick_plan() if args.quick else full_plan(max(1, args.repetitions))
     given = sys.argv[1:] if argv is None else argv
     command_line = " ".join(["python -m benchmarks.run", shlex.join(given)]).strip()
@@ -303,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_workers=plan.idle_workers,
         queue_requests=plan.queue_requests,
         command_count=plan.command_count,
+        command_line=command_line,
     )
     log(f"load average {data.load_start[0]:.2f}; {plan.repetitions} repetition(s)")
     for rep in range(plan.repetitions):
