@@ -8,6 +8,7 @@ the compiled backend methods directly with plain-int flags. Same semantics, byte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import zmq
@@ -23,21 +24,40 @@ _MORE_NOBLOCK: Final = NOBLOCK | SNDMORE
 _RCVMORE: Final = int(zmq.RCVMORE)
 _EVENTS: Final = int(zmq.EVENTS)
 POLLIN: Final = int(zmq.POLLIN)
+_Frame: Final = zmq.Frame
+BIG_FRAME: Final = 4096
+"""Frames at least this large are passed through as zmq.Frame, without copies."""
 
 
-def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
-    """Send `frames` as one message without blocking; raises zmq.Again / zmq.ZMQError."""
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes | zmq.Frame]) -> None:
+    """Send `frames` as one message without blocking; raises zmq.Again / zmq.ZMQError.
+
+    A frame may be a zmq.Frame from `recv_frames`: it is passed on without a copy (libzmq
+    shares the buffer by reference count).
+    """
     last = len(frames) - 1
     for i in range(last):
-        _send(sock, frames[i], _MORE_NOBLOCK)
-    _send(sock, frames[last], NOBLOCK)
+        frame = frames[i]
+        _send(sock, frame, _MORE_NOBLOCK, type(frame) is not _Frame)
+    frame = frames[last]
+    _send(sock, frame, NOBLOCK, type(frame) is not _Frame)
 
 
 def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """Receive one whole message without blocking; raises zmq.Again if none is waiting."""
-    parts: list[bytes] = [_recv(sock, NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, NOBLOCK))
+    """Receive one whole message without blocking; raises zmq.Again if none is waiting.
+
+    Frames of BIG_FRAME bytes or more stay zmq.Frame objects (opaque bodies, never compared
+    or hashed), so a large body is never copied into Python; `send_frames` passes them on
+    by reference. The rest are bytes.
+    """
+    # Receiving zmq.Frames (copy=False) and reading their `more` flag is cheaper than asking
+    # the socket for RCVMORE after each frame: pyzmq's `get` converts every option number to
+    # a SocketOption enum (two Python-level calls); Frame.more is filled in C.
+    frame = _recv(sock, NOBLOCK, False)
+    parts: list[Any] = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        parts.append(frame.bytes if len(frame) < BIG_FRAME else frame)
     return parts
 
 

@@ -10,6 +10,8 @@ Whoever owns the ROUTER socket drives it with two calls:
 
 Both append the messages to send to `outbox` as complete ROUTER frame lists (identity first);
 the driver sends them and clears the list. Time is a float in seconds from any monotonic clock.
+Body frames are passed through untouched: the server hands large ones over as `zmq.Frame`
+objects (never copied into Python, see `mdp.fastzmq`), and the core only ever moves them.
 
 The state:
 - `workers`: every registered worker by identity, each with its service, framing, liveness
