@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from mdp import logs
+from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from mdp.security import KeyFileError, curve_client_options
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,6 +28,30 @@ def log_options(info_help: str) -> Callable[[F], F]:
             show_default=True,
             show_envvar=True,
             help=info_help,
+        )(f)
+
+    return decorate
+
+
+def heartbeat_options(heartbeat_help: str, liveness_help: str) -> Callable[[F], F]:
+    """Add --heartbeat-ms and --liveness, with the defaults broker and workers share."""
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--liveness",
+            type=click.IntRange(min=1),
+            default=HEARTBEAT_LIVENESS,
+            show_default=True,
+            show_envvar=True,
+            help=liveness_help,
+        )(f)
+        return click.option(
+            "--heartbeat-ms",
+            type=click.IntRange(min=1),
+            default=round(HEARTBEAT_INTERVAL * 1000),
+            show_default=True,
+            show_envvar=True,
+            help=heartbeat_help,
         )(f)
 
     return decorate

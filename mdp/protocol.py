@@ -36,6 +36,8 @@ __all__ = [
     "CLIENT_RFC7",
     "CLIENT_RFC18",
     "CLIENT_RFC18_ENVELOPE",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_LIVENESS",
     "MAX_SERVICE_NAME",
     "WORKER_RFC7",
     "WORKER_RFC18",
@@ -76,6 +78,11 @@ C02_FINAL: Final = b"\x03"
 MAJORTOMO_REQUEST: Final = b"\x02"
 MAJORTOMO_PARTIAL: Final = b"\x03"
 MAJORTOMO_FINAL: Final = b"\x04"
+
+HEARTBEAT_INTERVAL: Final = 2.5
+"""Default heartbeat interval, seconds, agreed by broker and workers (the zguide's value)."""
+HEARTBEAT_LIVENESS: Final = 3
+"""Default number of silent intervals after which a peer is presumed dead (RFC 7: 3-5)."""
 
 MAX_SERVICE_NAME: Final = 255
 """Longest service name (bytes) we accept; RFC 7/18 only say "printable string"."""

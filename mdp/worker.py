@@ -43,7 +43,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from mdp.protocol import Version, validate_service_name
+from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Version, validate_service_name
 from mdp.worker_core import (
     Action,
     Cancel,
@@ -108,8 +108,8 @@ class WorkerOptions:
 
     broker: str = "tcp://127.0.0.1:5555"
     version: Version = Version.V02
-    heartbeat_interval: float = 2.5
-    liveness: int = 3
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    liveness: int = HEARTBEAT_LIVENESS
     grace: float = 10.0
     backoff_initial: float = 0.1
     backoff_max: float = 4.0

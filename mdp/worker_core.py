@@ -56,7 +56,14 @@ import math
 from dataclasses import dataclass
 
 from mdp.errors import ProtocolError
-from mdp.protocol import Command, Version, parse_broker_message, worker_framing
+from mdp.protocol import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    Command,
+    Version,
+    parse_broker_message,
+    worker_framing,
+)
 
 __all__ = [
     "Action",
@@ -127,8 +134,8 @@ class WorkerConfig:
 
     service: bytes
     version: Version = Version.V02
-    heartbeat_interval: float = 2.5
-    liveness: int = 3
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    liveness: int = HEARTBEAT_LIVENESS
     backoff_initial: float = 0.1
     backoff_max: float = 4.0
 

@@ -13,7 +13,7 @@ import click
 import zmq
 
 from mdp import __version__, logs
-from mdp.cli_options import curve_peer_options, log_options
+from mdp.cli_options import curve_peer_options, heartbeat_options, log_options
 from mdp.protocol import Version
 from mdp.security import (
     ChildLimits,
@@ -142,21 +142,9 @@ def _check_endpoint(ctx: click.Context, param: click.Parameter, value: str) -> s
     show_envvar=True,
     help="0.2 (RFC 18) streams PARTIALs; 0.1 (RFC 7) sends only the final reply.",
 )
-@click.option(
-    "--heartbeat-ms",
-    type=click.IntRange(min=1),
-    default=2500,
-    show_default=True,
-    show_envvar=True,
-    help="Heartbeat interval; must match the broker's --heartbeat-ms.",
-)
-@click.option(
-    "--liveness",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    show_envvar=True,
-    help="The broker is presumed dead after heartbeat x liveness of silence; the worker then "
+@heartbeat_options(
+    "Heartbeat interval; must match the broker's --heartbeat-ms.",
+    "The broker is presumed dead after heartbeat x liveness of silence; the worker then "
     "reconnects (backing off up to 4 s). Must match the broker's --liveness.",
 )
 @click.option(

@@ -10,7 +10,7 @@ import zmq
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
-from mdp.cli_options import log_options
+from mdp.cli_options import heartbeat_options, log_options
 from mdp.security import BrokerAuth, SecurityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
@@ -29,21 +29,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     help="ZeroMQ endpoint to listen on (tcp://HOST:PORT, ipc://PATH). Repeat to listen on "
     "several. The default is loopback only.",
 )
-@click.option(
-    "--heartbeat-ms",
-    type=click.IntRange(min=1),
-    default=2500,
-    show_default=True,
-    show_envvar=True,
-    help="Heartbeat interval agreed with workers, in milliseconds.",
-)
-@click.option(
-    "--liveness",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    show_envvar=True,
-    help="A worker silent for heartbeat x liveness is expired.",
+@heartbeat_options(
+    "Heartbeat interval agreed with workers, in milliseconds.",
+    "A worker silent for heartbeat x liveness is expired.",
 )
 @click.option(
     "--request-ttl",

@@ -34,6 +34,8 @@ from typing import Final
 import msgpack
 
 from mdp.protocol import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
     ClientFraming,
     ClientRequest,
     Command,
@@ -57,8 +59,8 @@ MMI_NOT_IMPLEMENTED: Final = b"501"
 class BrokerConfig:
     """Tunables of the broker's rules. Times are in seconds."""
 
-    heartbeat_interval: float = 2.5
-    liveness: int = 3
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    liveness: int = HEARTBEAT_LIVENESS
     request_ttl: float = 60.0
     max_queue: int = 10_000
     busy_timeout: float | None = None
