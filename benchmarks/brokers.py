@@ -3,6 +3,11 @@
 Both brokers run as `python -m ...` children of the benchmark, bound to a free loopback port,
 with per-message logging off: ours with `--log-level WARNING`, majortomo with a logging config
 at WARNING (its default is INFO, which formats and writes a line for every PARTIAL and FINAL).
+Ours can also run with CURVE (`security="curve"`): a fresh broker, client and worker key pair
+and the two allow-lists are made in the broker's temporary directory (`CurveKeys`), and the
+peers get `mdp.security.curve_client_options` for their sockets. `security="curve-info"` is
+the same at our default `--log-level INFO`, which writes the audit records (one per batch of
+requests).
 CPU time is user+system of the broker's own process, by PID: the scheduler's exact run time of
 each of its threads (/proc/PID/task/*/schedstat) where available, psutil's user+system (10 ms
 granularity) otherwise.
@@ -17,15 +22,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
 import psutil
 
+from mdp.security import (
+    curve_client_options,
+    generate_key_pair,
+    load_public_key,
+    write_public_key,
+)
+
 BrokerKind = Literal["ours", "majortomo"]
 BROKERS: Final[tuple[BrokerKind, ...]] = ("ours", "majortomo")
 LABELS: Final[dict[str, str]] = {"ours": "ours (mdp)", "majortomo": "majortomo 0.2.0"}
+
+Security = Literal["plain", "curve", "curve-info"]
+"""How our broker is secured: "plain" (no CURVE), "curve" (CURVE, --log-level WARNING like
+every other run), "curve-info" (CURVE at the default INFO: the audit records are written)."""
+SECURITY: Final[tuple[Security, ...]] = ("plain", "curve", "curve-info")
+SECURITY_LABELS: Final[dict[str, str]] = {
+    "plain": "no CURVE",
+    "curve": "CURVE",
+    "curve-info": "CURVE, INFO log (audit records)",
+}
+SocketOptions = Sequence[tuple[int, int | bytes]]
+"""zmq socket options as (option, value) pairs, set before connecting."""
 
 STARTUP_TIMEOUT = 15.0
 STOP_GRACE = 0.5
@@ -53,6 +78,51 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """Key files for one CURVE broker and its peers (one key pair for all clients, one for all
+    workers), made the way `mdp-keys generate` and `mdp-keys allow` make them."""
+
+    broker_secret: Path
+    broker_public: Path
+    client_secret: Path
+    worker_secret: Path
+    allow_clients: Path
+    allow_workers: Path
+
+    @classmethod
+    def generate(cls, directory: Path) -> CurveKeys:
+        """Fresh key pairs in `directory/keys`, the allow-lists in `directory/allowed`."""
+        keys = directory / "keys"
+        broker_public, broker_secret = generate_key_pair("broker", keys)
+        client_public, client_secret = generate_key_pair("bench-client", keys)
+        worker_public, worker_secret = generate_key_pair("bench-worker", keys)
+        allow_clients = directory / "allowed" / "clients"
+        allow_workers = directory / "allowed" / "workers"
+        # What `mdp-keys allow client|worker FILE --dir DIR` does: copy the public key.
+        write_public_key(load_public_key(client_public), allow_clients / client_public.name)
+        write_public_key(load_public_key(worker_public), allow_workers / worker_public.name)
+        return cls(
+            broker_secret, broker_public, client_secret, worker_secret, allow_clients, allow_workers
+        )
+
+    def client_options(self) -> SocketOptions:
+        """Socket options for a client: its key pair and the broker's public key."""
+        return curve_client_options(self.client_secret, self.broker_public)
+
+    def worker_options(self) -> SocketOptions:
+        """Socket options for a worker: its key pair and the broker's public key."""
+        return curve_client_options(self.worker_secret, self.broker_public)
+
+    def broker_arguments(self) -> list[str]:
+        """The broker's command-line options for these keys."""
+        return [
+            *("--curve-secret-key", str(self.broker_secret)),
+            *("--allow-clients", str(self.allow_clients)),
+            *("--allow-workers", str(self.allow_workers)),
+        ]
+
+
 @dataclass
 class BrokerProcess:
     """A running broker: its endpoint, its process, and readings of its resource use."""
@@ -64,6 +134,9 @@ class BrokerProcess:
     process: psutil.Process
     stderr_path: Path
     _workdir: tempfile.TemporaryDirectory[str] = field(repr=False)
+    security: Security = "plain"
+    curve: CurveKeys | None = None
+    """The key files when `security` is not "plain"; the peers must use them."""
 
     @property
     def pid(self) -> int:
@@ -159,18 +232,23 @@ def broker_command(
     request_ttl: float | None = None,
     config_path: Path | None = None,
     wrapper: list[str] | None = None,
+    curve: CurveKeys | None = None,
+    log_level: str = "WARNING",
 ) -> list[str]:
     """The command line that starts broker `kind` on `endpoint`.
 
     `wrapper` goes between the interpreter and `-m`, e.g. `["-m", "cProfile", "-o", PATH]`.
+    `curve` and `log_level` apply to our broker only.
     """
     python = [sys.executable, *(wrapper or [])]
     if kind == "ours":
-        command = [*python, "-m", "mdp.broker", "--bind", endpoint, "--log-level", "WARNING"]
+        command = [*python, "-m", "mdp.broker", "--bind", endpoint, "--log-level", log_level]
         if max_queue is not None:
             command += ["--max-queue", str(max_queue)]
         if request_ttl is not None:
             command += ["--request-ttl", str(request_ttl)]
+        if curve is not None:
+            command += curve.broker_arguments()
         return command
     command = [*python, "-m", "majortomo.broker", "-b", endpoint]
     if config_path is not None:
@@ -185,17 +263,22 @@ def start_broker(
     request_ttl: float | None = None,
     wrapper: list[str] | None = None,
     pythonpath: str | None = None,
+    security: Security = "plain",
 ) -> BrokerProcess:
     """Start broker `kind` on a free loopback port and wait until it accepts connections.
 
     `max_queue` and `request_ttl` apply to our broker only (majortomo has neither limit).
     `wrapper`: see `broker_command`. `pythonpath` is put first on the broker's PYTHONPATH, to
-    measure a patched copy of a package without touching the installed one.
+    measure a patched copy of a package without touching the installed one. `security`: see
+    `Security` (our broker only); the key files live in the broker's temporary directory.
     """
+    if security != "plain" and kind != "ours":
+        raise ValueError(f"{kind} has no CURVE support here; security must be 'plain'")
     workdir = tempfile.TemporaryDirectory(prefix=f"mdp-bench-{kind}-")
     config_path = Path(workdir.name) / "majortomo-logging.yaml"
     config_path.write_text(_MAJORTOMO_LOGGING)
     stderr_path = Path(workdir.name) / "stderr.log"
+    curve = CurveKeys.generate(Path(workdir.name)) if security != "plain" else None
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     command = broker_command(
@@ -205,6 +288,8 @@ def start_broker(
         request_ttl=request_ttl,
         config_path=config_path,
         wrapper=wrapper,
+        curve=curve,
+        log_level="INFO" if security == "curve-info" else "WARNING",
     )
     env = None
     if pythonpath:
@@ -220,7 +305,15 @@ def start_broker(
             cwd=workdir.name,  # not the checkout: `-m` puts the working directory first
         )
     broker = BrokerProcess(
-        kind, endpoint, command, popen, psutil.Process(popen.pid), stderr_path, workdir
+        kind,
+        endpoint,
+        command,
+        popen,
+        psutil.Process(popen.pid),
+        stderr_path,
+        workdir,
+        security,
+        curve,
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:

@@ -18,6 +18,10 @@ done or the wall-time bound passes. Each request carries an 8-byte sequence numb
 client checks in the reply. The parent reads the broker's CPU time (psutil, by PID) at the
 barrier and after the last client reports; latency is send-to-FINAL per request.
 
+Against a CURVE broker (`BrokerProcess.curve`), every client socket gets the client key's
+`mdp.security.curve_client_options` and every worker socket the worker key's, before it
+connects; the peers are otherwise the same.
+
 `python -m benchmarks.probe --help` runs one scenario against one broker, for quick checks.
 """
 
@@ -35,7 +39,7 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
-from benchmarks.brokers import BrokerProcess
+from benchmarks.brokers import BrokerProcess, SocketOptions
 
 # pyzmq's compiled socket methods with plain-int flags: about half the cost of
 # send_multipart/recv_multipart, so the peers take less CPU from the broker on a small machine.
@@ -101,11 +105,21 @@ def recv_frames(sock: zmq.Socket[bytes], flags: int = 0) -> list[bytes]:
     return parts
 
 
-def dealer(context: zmq.Context[zmq.Socket[bytes]], endpoint: str, rcvtimeo: int) -> Any:
-    """A connected DEALER socket that drops unsent messages on close."""
+def dealer(
+    context: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    rcvtimeo: int,
+    options: SocketOptions = (),
+) -> Any:
+    """A connected DEALER socket that drops unsent messages on close.
+
+    `options` are set before connecting (e.g. CURVE client options).
+    """
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, rcvtimeo)
+    for option, value in options:
+        sock.setsockopt(option, value)
     sock.connect(endpoint)
     return sock
 
@@ -129,16 +143,24 @@ class WorkerStats:
 
 
 def echo_worker(
-    endpoint: str, dialect_name: str, stop: mp.synchronize.Event, results: Any, service: bytes
+    endpoint: str,
+    dialect_name: str,
+    stop: mp.synchronize.Event,
+    results: Any,
+    service: bytes,
+    options: SocketOptions = (),
 ) -> None:
-    """Register for `service`, echo every REQUEST body as a FINAL, heartbeat, until `stop`."""
+    """Register for `service`, echo every REQUEST body as a FINAL, heartbeat, until `stop`.
+
+    `options`: socket options set before connecting (CURVE: the worker key's).
+    """
     dialect = DIALECTS[dialect_name]
     head = dialect.worker_head
     at = len(head)
     final_head = (*head, FINAL)
     heartbeat = (*head, HEARTBEAT)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = dealer(context, endpoint, WORKER_POLL_MS)
+    sock = dealer(context, endpoint, WORKER_POLL_MS, options)
     stats = WorkerStats()
     try:
         send_frames(sock, (*head, READY, service))
@@ -213,13 +235,17 @@ def client(
     barrier: threading.Barrier,
     results: Any,
     service: bytes,
+    options: SocketOptions = (),
 ) -> None:
-    """One client process: `outstanding` synchronous DEALER sockets, `requests` in total."""
+    """One client process: `outstanding` synchronous DEALER sockets, `requests` in total.
+
+    `options`: socket options set on each socket before connecting (CURVE: the client key's).
+    """
     dialect = DIALECTS[dialect_name]
     payload = bytes(max(payload_size, SEQ_BYTES))
     request_head = (*dialect.client_head, service)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    socks = [dealer(context, endpoint, REPLY_TIMEOUT_MS) for _ in range(outstanding)]
+    socks = [dealer(context, endpoint, REPLY_TIMEOUT_MS, options) for _ in range(outstanding)]
     result = ClientResult()
     try:
         # Warm-up, one socket at a time: connections made, workers registered, caches warm.
@@ -371,6 +397,8 @@ class ThroughputResult:
     rss_mb: float
     worker_handled: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    security: str = "plain"
+    """Our broker's security (`brokers.Security`): "plain", "curve" or "curve-info"."""
 
 
 def mp_context() -> Any:
@@ -406,7 +434,13 @@ def stop_processes(processes: list[Any], timeout: float = 5.0) -> None:
 
 
 def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> ThroughputResult:
-    """Run `scenario` against a running broker and measure it."""
+    """Run `scenario` against a running broker and measure it.
+
+    Against a CURVE broker, clients use its client key pair and workers its worker key pair.
+    """
+    curve = broker.curve
+    client_options = curve.client_options() if curve else []
+    worker_options = curve.worker_options() if curve else []
     ctx = mp_context()
     stop = ctx.Event()
     barrier = ctx.Barrier(scenario.clients + 1)
@@ -415,7 +449,7 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
     workers = [
         ctx.Process(
             target=echo_worker,
-            args=(broker.endpoint, dialect, stop, worker_results, SERVICE),
+            args=(broker.endpoint, dialect, stop, worker_results, SERVICE, worker_options),
             name=f"echo-worker-{i}",
         )
         for i in range(scenario.workers)
@@ -435,6 +469,7 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
                 barrier,
                 client_results,
                 SERVICE,
+                client_options,
             ),
             name=f"client-{i}",
         )
@@ -500,4 +535,5 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
         rss_mb=rss / 2**20,
         worker_handled=[s.handled for s in stats],
         errors=errors,
+        security=broker.security,
     )

@@ -3,6 +3,7 @@ and profiling.
 
     python -m benchmarks.probe --broker ours --clients 8 --workers 4 --requests 24000
     python -m benchmarks.probe --broker ours --profile /tmp/ours.prof   # broker under cProfile
+    python -m benchmarks.probe --security curve --repeat 3              # our broker with CURVE
     python -m pstats /tmp/ours.prof                                     # then: sort tottime
 
 With `--profile` the broker runs as `python -m cProfile -o PATH -m ...` and is given time to
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import time
 
-from benchmarks.brokers import BROKERS, start_broker
+from benchmarks.brokers import BROKERS, SECURITY, start_broker
 from benchmarks.loadgen import DIALECTS, NATIVE_DIALECT, Scenario, ThroughputResult, run_throughput
 
 
@@ -35,6 +36,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=24_000)
     parser.add_argument("--max-seconds", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--security",
+        choices=SECURITY,
+        default="plain",
+        help="our broker only: plain, curve (CURVE, log level WARNING) or curve-info (CURVE at "
+        "the default INFO, which writes the audit records)",
+    )
     parser.add_argument("--profile", metavar="PATH", help="run the broker under cProfile")
     parser.add_argument(
         "--pythonpath",
@@ -61,7 +69,9 @@ def main() -> None:
     wrapper = ["-m", "cProfile", "-o", args.profile] if args.profile else None
     results: list[ThroughputResult] = []
     for _ in range(max(1, args.repeat)):
-        broker = start_broker(args.broker, wrapper=wrapper, pythonpath=args.pythonpath)
+        broker = start_broker(
+            args.broker, wrapper=wrapper, pythonpath=args.pythonpath, security=args.security
+        )
         spy = _start_py_spy(broker.pid, args.py_spy) if args.py_spy else None
         try:
             results.append(run_throughput(broker, dialect, scenario))
@@ -76,7 +86,7 @@ def main() -> None:
             broker.stop(grace=5.0 if args.profile else 0.5)
         r = results[-1]
         print(
-            f"{r.broker} ({r.dialect}) {r.completed} req in {r.elapsed:.2f} s: "
+            f"{r.broker} ({r.dialect}, {r.security}) {r.completed} req in {r.elapsed:.2f} s: "
             f"{r.rps:,.0f} req/s, p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} max {r.max_ms:.2f} ms, "
             f"CPU {r.cpu_ms_per_1000:.1f} ms/1k (main thread {r.main_thread_ms_per_1000:.1f}), "
             f"RSS {r.rss_mb:.1f} MB"

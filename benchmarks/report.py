@@ -2,7 +2,9 @@
 
 Every figure in the tables is a median over repetitions; every ratio is ours/majortomo computed
 pair by pair (the two runs of one repetition, taken back to back) and then the median of those
-ratios, so slow drift on a shared machine affects both sides of each pair alike.
+ratios, so slow drift on a shared machine affects both sides of each pair alike. The cost of
+CURVE (issue 6) is computed the same way: our broker with CURVE / our broker without, pair by
+pair. Tables about ours/majortomo use only the runs without CURVE.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from benchmarks.command import CeilingResult, CommandResult
 from benchmarks.loadgen import Scenario, ThroughputResult
@@ -57,8 +59,8 @@ def load(raw: dict[str, Any]) -> RunData:
         **{k: v for k, v in raw.items() if k in RunData.__dataclass_fields__ and k != "machine"},
         machine=raw["machine"],
     )
-    data.load_start = tuple(raw["load_start"])  # type: ignore[assignment]
-    data.load_end = tuple(raw["load_end"])  # type: ignore[assignment]
+    data.load_start = tuple(raw["load_start"])
+    data.load_end = tuple(raw["load_end"])
     data.scenarios = [Scenario(**s) for s in raw["scenarios"]]
     data.throughput = [[ThroughputResult(**r) for r in rep] for rep in raw["throughput"]]
     data.variant = [[ThroughputResult(**r) for r in rep] for rep in raw["variant"]]
@@ -79,29 +81,53 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(finite) if finite else float("nan")
 
 
-def runs_of(data: RunData, scenario: str, broker: str, dialect: str | None = None) -> list[Any]:
-    """The throughput results of one scenario and broker, one per repetition, in order."""
+def runs_of(
+    data: RunData,
+    scenario: str,
+    broker: str,
+    dialect: str | None = None,
+    security: str = "plain",
+) -> list[ThroughputResult]:
+    """The throughput results of one scenario, broker and security, one per repetition."""
     return [
         r
         for rep in data.throughput
         for r in rep
         if r.scenario == scenario
         and r.broker == broker
+        and r.security == security
         and (dialect is None or r.dialect == dialect)
     ]
 
 
-def pair_ratios(
-    data: RunData, scenario: str, metric: Callable[[ThroughputResult], float]
-) -> list[float]:
-    """ours/majortomo for `metric`, one ratio per repetition."""
-    ratios = []
+Side = tuple[str, str]
+"""(broker, security): one side of a ratio."""
+OURS: Final[Side] = ("ours", "plain")
+MAJORTOMO: Final[Side] = ("majortomo", "plain")
+
+
+def _pairs(
+    data: RunData, scenario: str, top: Side, bottom: Side
+) -> list[tuple[ThroughputResult, ThroughputResult]]:
+    """(top, bottom) runs of `scenario`, one pair per repetition that has both."""
+    pairs = []
     for rep in data.throughput:
-        ours = [r for r in rep if r.scenario == scenario and r.broker == "ours"]
-        theirs = [r for r in rep if r.scenario == scenario and r.broker == "majortomo"]
-        if ours and theirs and metric(theirs[0]) > 0:
-            ratios.append(metric(ours[0]) / metric(theirs[0]))
-    return ratios
+        tops = [r for r in rep if r.scenario == scenario and (r.broker, r.security) == top]
+        bottoms = [r for r in rep if r.scenario == scenario and (r.broker, r.security) == bottom]
+        if tops and bottoms:
+            pairs.append((tops[0], bottoms[0]))
+    return pairs
+
+
+def pair_ratios(
+    data: RunData,
+    scenario: str,
+    metric: Callable[[ThroughputResult], float],
+    top: Side = OURS,
+    bottom: Side = MAJORTOMO,
+) -> list[float]:
+    """top/bottom (default ours/majortomo, both without CURVE) for `metric`, per repetition."""
+    return [metric(a) / metric(b) for a, b in _pairs(data, scenario, top, bottom) if metric(b) > 0]
 
 
 def _cpu(r: ThroughputResult) -> float:
@@ -132,21 +158,115 @@ def _met(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**not met**")
 
 
+CURVE_CONFIGS: Final[dict[str, str]] = {
+    "curve": "CURVE",
+    "curve-info": "CURVE, INFO log (audit records)",
+}
+"""Our broker's CURVE configurations (`brokers.Security`), as the report names them."""
+
+
+@dataclass
+class CurveCost:
+    """Our broker with CURVE against the same broker without, in one scenario.
+
+    Figures are medians over repetitions; ratios are CURVE/plain per repetition (the two runs
+    of a repetition ran back to back), then the median of those.
+    """
+
+    scenario: str
+    security: str
+    """"curve" (--log-level WARNING, like every other run) or "curve-info" (INFO: audit)."""
+    repetitions: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_1000: float
+    main_thread_ms_per_1000: float
+    plain_rps: float
+    plain_p50_ms: float
+    plain_p99_ms: float
+    plain_cpu_ms_per_1000: float
+    plain_main_thread_ms_per_1000: float
+    rps_ratio: float
+    p99_ratio: float
+    cpu_ratio: float
+    cpu_added_us_per_request: float
+    """Median of per-repetition (CURVE - plain) broker CPU per request, in µs."""
+    rps_ratios: list[float] = field(default_factory=list)
+    p99_ratios: list[float] = field(default_factory=list)
+    cpu_ratios: list[float] = field(default_factory=list)
+
+
+def curve_costs(data: RunData) -> list[CurveCost]:
+    """The cost of CURVE in every scenario (and configuration) this run measured it in."""
+    out = []
+    for s in data.scenarios:
+        for security in CURVE_CONFIGS:
+            pairs = _pairs(data, s.name, ("ours", security), OURS)
+            if not pairs:
+                continue
+            curve = [a for a, _ in pairs]
+            plain = [b for _, b in pairs]
+            out.append(
+                CurveCost(
+                    scenario=s.name,
+                    security=security,
+                    repetitions=len(pairs),
+                    rps=median([r.rps for r in curve]),
+                    p50_ms=median([r.p50_ms for r in curve]),
+                    p99_ms=median([r.p99_ms for r in curve]),
+                    cpu_ms_per_1000=median([r.cpu_ms_per_1000 for r in curve]),
+                    main_thread_ms_per_1000=median([r.main_thread_ms_per_1000 for r in curve]),
+                    plain_rps=median([r.rps for r in plain]),
+                    plain_p50_ms=median([r.p50_ms for r in plain]),
+                    plain_p99_ms=median([r.p99_ms for r in plain]),
+                    plain_cpu_ms_per_1000=median([r.cpu_ms_per_1000 for r in plain]),
+                    plain_main_thread_ms_per_1000=median(
+                        [r.main_thread_ms_per_1000 for r in plain]
+                    ),
+                    rps_ratio=median(_ratio_list(pairs, _rps)),
+                    p99_ratio=median(_ratio_list(pairs, _p99)),
+                    cpu_ratio=median(_ratio_list(pairs, _cpu)),
+                    cpu_added_us_per_request=median(
+                        [a.cpu_ms_per_1000 - b.cpu_ms_per_1000 for a, b in pairs]
+                    ),
+                    rps_ratios=_ratio_list(pairs, _rps),
+                    p99_ratios=_ratio_list(pairs, _p99),
+                    cpu_ratios=_ratio_list(pairs, _cpu),
+                )
+            )
+    return out
+
+
+def _ratio_list(
+    pairs: list[tuple[ThroughputResult, ThroughputResult]],
+    metric: Callable[[ThroughputResult], float],
+) -> list[float]:
+    return [metric(a) / metric(b) for a, b in pairs if metric(b) > 0]
+
+
 # --------------------------------------------------------------------------------------------
 # Targets
 
 
 @dataclass
 class Target:
-    """One target of issue 5 and how this run did."""
+    """One target of issue 5 (or acceptance item of issue 6) and how this run did."""
 
     name: str
     measured: str
     met: bool | None
+    status: str = ""
+    """Shown instead of met/not met when set (for items that are shown, not passed)."""
+
+    @property
+    def result(self) -> str:
+        """The result column: the status if set, else met / not met / n/a."""
+        return f"**{self.status}**" if self.status else _met(self.met)
 
 
 def targets(data: RunData) -> list[Target]:
-    """Evaluate each target of issue 5 against this run's medians."""
+    """Evaluate each target of issue 5, and issue 6's CURVE item, against this run."""
     out: list[Target] = []
     sync_small = [s.name for s in data.scenarios if s.sync and s.payload <= 64]
     for name in sync_small:
@@ -225,7 +345,28 @@ def targets(data: RunData) -> list[Target]:
                 rss < QUEUE_RSS_TARGET_MB and lost == 0,
             )
         )
+    out.append(_curve_target(data))
     return out
+
+
+def _curve_target(data: RunData) -> Target:
+    name = "Issue 6: the benchmark shows the throughput cost of CURVE (same run, with and without)"
+    costs = curve_costs(data)
+    if not costs:
+        return Target(name, "not measured", None)
+    parts = [
+        f"{c.scenario}"
+        + (", INFO log with audit records" if c.security == "curve-info" else "")
+        + f": req/s {c.rps_ratio:.2f} x, broker CPU per request {c.cpu_ratio:.2f} x"
+        f" ({c.cpu_added_us_per_request:+.1f} µs), p99 {c.p99_ratio:.2f} x"
+        for c in costs
+    ]
+    return Target(
+        name,
+        "CURVE/plain, medians of per-repetition ratios: " + "; ".join(parts) + " (Cost of CURVE)",
+        True,
+        status="CURVE cost shown",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,20 +415,22 @@ def render(data: RunData, command_line: str) -> str:
         ),
         "",
         "The machine is shared (other test suites may run at the same time), so runs are",
-        f"interleaved ours/majortomo in every repetition ({data.repetitions} repetitions, the",
-        "order alternating), figures are medians, and ratios are taken pair by pair.",
+        "interleaved ours/majortomo (and ours with CURVE) in every repetition",
+        f"({data.repetitions} repetitions, the order alternating), figures are medians, and",
+        "ratios are taken pair by pair.",
         "",
-        "## Targets (issue 5)",
+        "## Targets (issues 5 and 6)",
         "",
         *_table(
             ["Target", "Measured", "Result"],
-            [[t.name, t.measured, _met(t.met)] for t in targets(data)],
+            [[t.name, t.measured, t.result] for t in targets(data)],
         ),
         "",
         "![ours/majortomo ratios](ratios.png)",
         "",
         *_throughput_section(data),
         *_variant_section(data),
+        *_curve_section(data),
         *_command_section(data),
         *_scale_section(data),
         *_runs_section(data),
@@ -306,6 +449,7 @@ def _throughput_section(data: RunData) -> list[str]:
         "core the broker used during the run (CPU x req/s): well under 100% means the broker was",
         "not what limited req/s (on 2 cores the 12 peer processes were). Medians over",
         "repetitions; the ratio columns are medians of per-repetition ours/majortomo ratios.",
+        "Both brokers without CURVE here; ours with CURVE is in [Cost of CURVE](#cost-of-curve).",
         "",
     ]
     rows = []
@@ -432,6 +576,102 @@ def _variant_section(data: RunData) -> list[str]:
         "",
     ]
     return lines
+
+
+def _curve_section(data: RunData) -> list[str]:
+    costs = curve_costs(data)
+    if not costs:
+        return []
+    lines = [
+        "## Cost of CURVE",
+        "",
+        "Our broker with CURVE (issue 6) next to the same broker without, in the same",
+        "repetitions: in each scenario majortomo, ours and ours with CURVE run back to back (the",
+        "order reversed every other repetition), each against a fresh broker. With CURVE the",
+        "broker gets `--curve-secret-key DIR/broker.key_secret --allow-clients DIR/clients",
+        "--allow-workers DIR/workers` with fresh key pairs (one for the broker, one shared by the",
+        "clients, one shared by the workers; made with `mdp.security.generate_key_pair` and",
+        "allowed the way `mdp-keys allow` does), and every client and worker socket gets",
+        "`mdp.security.curve_client_options(own secret key, broker public key)` before it",
+        "connects: every message is encrypted both ways and goes through the broker's role check.",
+        "Same peers, RFC 18 framing and `--log-level WARNING` as the runs without CURVE; the",
+        '"INFO log" row runs at the broker\'s default level, INFO, which also writes an audit',
+        "record per batch of admitted requests (to a file). CPU is the whole broker process:",
+        "the Python thread (role check, audit records), ZeroMQ's I/O thread (encryption) and the",
+        "ZAP handler thread (handshakes; it re-reads the allow-lists every second). The peers",
+        "encrypt too, on the same 2 cores, so req/s falls by more than the broker's own cost;",
+        "CPU per request is the broker's cost alone. Ratios are CURVE/plain per repetition,",
+        "then the median; CPU added = median of per-repetition differences, in µs per request.",
+        "",
+    ]
+    rows = []
+    for s in data.scenarios:
+        mine = [c for c in costs if c.scenario == s.name]
+        if not mine:
+            continue
+        plain = runs_of(data, s.name, "ours")
+        rows.append(
+            [
+                s.name,
+                "ours, no CURVE",
+                _fmt(median([r.rps for r in plain]), 0),
+                _fmt(median([r.p50_ms for r in plain])),
+                _fmt(median([r.p99_ms for r in plain])),
+                _fmt(median([r.cpu_ms_per_1000 for r in plain]), 1),
+                _fmt(median([r.main_thread_ms_per_1000 for r in plain]), 1),
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+        rows += [
+            [
+                "",
+                f"ours, {CURVE_CONFIGS[c.security]}",
+                _fmt(c.rps, 0),
+                _fmt(c.p50_ms),
+                _fmt(c.p99_ms),
+                _fmt(c.cpu_ms_per_1000, 1),
+                _fmt(c.main_thread_ms_per_1000, 1),
+                _fmt(c.rps_ratio),
+                _fmt(c.p99_ratio),
+                _fmt(c.cpu_ratio),
+                f"{c.cpu_added_us_per_request:+.1f}",
+            ]
+            for c in mine
+        ]
+    lines += _table(
+        [
+            "Scenario",
+            "Broker",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/1k req",
+            "of which Python thread",
+            "req/s ratio",
+            "p99 ratio",
+            "CPU ratio",
+            "CPU added µs/req",
+        ],
+        rows,
+    )
+    lines += ["", "Per repetition, CURVE/plain:", ""]
+    lines += _table(
+        ["Scenario", "Configuration", "req/s ratio", "p99 ratio", "CPU ratio"],
+        [
+            [
+                c.scenario,
+                CURVE_CONFIGS[c.security],
+                _ratios(c.rps_ratios),
+                _ratios(c.p99_ratios),
+                _ratios(c.cpu_ratios),
+            ]
+            for c in costs
+        ],
+    )
+    return [*lines, ""]
 
 
 def _command_section(data: RunData) -> list[str]:
@@ -600,7 +840,8 @@ def _run_row(rep_no: int, r: ThroughputResult) -> list[str]:
     return [
         str(rep_no),
         r.scenario,
-        f"{r.broker} ({r.dialect})",
+        f"{r.broker} ({r.dialect}"
+        + (f", {CURVE_CONFIGS.get(r.security, r.security)})" if r.security != "plain" else ")"),
         f"{r.completed:,}",
         f"{r.elapsed:.2f}",
         _fmt(r.rps, 0),
@@ -631,8 +872,10 @@ def chart(data: RunData, path: Path) -> None:
     ]
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
     width = 0.26
+    heights: list[float] = []
     for i, (label, metric, color) in enumerate(series):
         values = [median(pair_ratios(data, n, metric)) for n in names]
+        heights += [v for v in values if not math.isnan(v)]
         xs = [j + (i - 1) * width for j in range(len(names))]
         bars = ax.bar(xs, values, width, label=label, color=color)
         for bar, value in zip(bars, values, strict=True):
@@ -654,9 +897,7 @@ def chart(data: RunData, path: Path) -> None:
         "req/s\n(dashed: targets CPU <= 0.65, req/s >= 1.2)",
         fontsize=10,
     )
-    top = max(
-        [RPS_RATIO_TARGET, *[b.get_height() for b in ax.patches if not math.isnan(b.get_height())]]
-    )
+    top = max([RPS_RATIO_TARGET, *heights])
     ax.set_ylim(0, top * 1.25)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()

@@ -1,8 +1,10 @@
-"""`python -m benchmarks.run`: every scenario of issue 5 against our broker and majortomo's.
+"""`python -m benchmarks.run`: every scenario of issue 5 against our broker and majortomo's,
+and the throughput scenarios also against our broker with CURVE (issue 6).
 
 Each repetition runs every scenario once per broker, back to back, alternating which broker
-goes first, so drift on a shared machine hits both alike. Every run gets a fresh broker process.
-Writes `benchmarks/RESULTS.md`, `benchmarks/ratios.png` and `benchmarks/results.json`.
+goes first, so drift on a shared machine hits both alike; in the throughput scenarios our
+broker with CURVE runs in the same group, next to ours without. Every run gets a fresh broker
+process. Writes `benchmarks/RESULTS.md`, `benchmarks/ratios.png` and `benchmarks/results.json`.
 
     python -m benchmarks.run                  # full run, about 7 minutes on 2 cores
     python -m benchmarks.run --quick          # smoke run, under a minute; not for conclusions
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -31,10 +34,10 @@ from typing import TypeVar
 import psutil
 import zmq
 
-from benchmarks.brokers import BROKERS, BrokerKind, BrokerProcess, start_broker
+from benchmarks.brokers import BROKERS, BrokerKind, BrokerProcess, Security, start_broker
 from benchmarks.command import run_ceiling, run_command
-from benchmarks.loadgen import NATIVE_DIALECT, Scenario, run_throughput
-from benchmarks.report import RunData, chart, load, render, targets
+from benchmarks.loadgen import NATIVE_DIALECT, Scenario, ThroughputResult, run_throughput
+from benchmarks.report import RunData, chart, curve_costs, load, render, targets
 from benchmarks.scale import run_idle_workers, run_queue_drain
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +53,11 @@ class Plan:
     scenarios: list[Scenario]
     variant: str
     """Scenario also run against our broker in majortomo's dialect ("" for none)."""
+    curve: tuple[str, ...]
+    """Scenarios also run against our broker with CURVE (at --log-level WARNING)."""
+    curve_info: str
+    """Scenario also run against our broker with CURVE at INFO, its default, which writes the
+    audit records ("" for none)."""
     command_count: int
     command_seconds: float
     idle_workers: int
@@ -74,6 +82,15 @@ def full_plan(repetitions: int) -> Plan:
             Scenario("8x4 x32 64 KiB", 8, 4, 32, 64 * KIB, 10_000, 6.0),
         ],
         variant="8x4 sync 64 B",
+        curve=(
+            "1x1 sync 64 B",
+            "8x4 sync 64 B",
+            "8x4 x32 64 B",
+            "1x1 sync 64 KiB",
+            "8x4 sync 64 KiB",
+            "8x4 x32 64 KiB",
+        ),
+        curve_info="8x4 sync 64 B",
         command_count=1_500,
         command_seconds=6.0,
         idle_workers=1_000,
@@ -95,6 +112,8 @@ def quick_plan() -> Plan:
             Scenario("8x4 x32 64 KiB", 8, 4, 32, 64 * KIB, 800, 2.0, warmup=5),
         ],
         variant="",
+        curve=("8x4 sync 64 B", "8x4 x32 64 B"),
+        curve_info="8x4 sync 64 B",
         command_count=200,
         command_seconds=2.0,
         idle_workers=200,
@@ -166,10 +185,15 @@ def wait_for_quiet(max_wait: float, threshold: float) -> float:
 
 
 def with_broker(
-    kind: BrokerKind, measure: Callable[[BrokerProcess], T], **options: float | int
+    kind: BrokerKind,
+    measure: Callable[[BrokerProcess], T],
+    *,
+    security: Security = "plain",
+    max_queue: int | None = None,
+    request_ttl: float | None = None,
 ) -> T:
     """Start a fresh broker, measure against it, stop it by PID."""
-    broker = start_broker(kind, **options)  # type: ignore[arg-type]
+    broker = start_broker(kind, security=security, max_queue=max_queue, request_ttl=request_ttl)
     try:
         return measure(broker)
     finally:
@@ -181,25 +205,46 @@ def order(rep: int) -> tuple[BrokerKind, ...]:
     return BROKERS if rep % 2 == 0 else tuple(reversed(BROKERS))
 
 
+def contenders(plan: Plan, scenario: Scenario, rep: int) -> list[tuple[BrokerKind, Security]]:
+    """The brokers one throughput scenario runs against in repetition `rep`, in order.
+
+    majortomo, ours, then ours with CURVE (and at INFO), reversed every other repetition: ours
+    without CURVE sits between majortomo and ours with CURVE, so both ratios compare runs
+    taken back to back, and in both pairs which side goes first alternates.
+    """
+    group: list[tuple[BrokerKind, Security]] = [("majortomo", "plain"), ("ours", "plain")]
+    if scenario.name in plan.curve:
+        group.append(("ours", "curve"))
+    if scenario.name == plan.curve_info:
+        group.append(("ours", "curve-info"))
+    return group if rep % 2 == 0 else group[::-1]
+
+
+def _log_run(rep: int, label: str, result: ThroughputResult) -> None:
+    log(
+        f"rep {rep + 1} {result.scenario:<16} {label:<16} {result.rps:8,.0f} req/s  "
+        f"p99 {result.p99_ms:6.2f} ms  CPU {result.cpu_ms_per_1000:6.1f} ms/1k"
+        + (f"  lost {result.lost} bad {result.bad}" if result.lost or result.bad else "")
+        + (f"  {result.errors}" if result.errors else "")
+    )
+
+
 def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
     """One repetition of every scenario, appended to `data`."""
     runs = []
     for scenario in plan.scenarios:
-        for kind in order(rep):
-            result = with_broker(
-                kind, lambda b, s=scenario, k=kind: run_throughput(b, NATIVE_DIALECT[k], s)
+        for kind, security in contenders(plan, scenario, rep):
+            measure = functools.partial(
+                run_throughput, dialect=NATIVE_DIALECT[kind], scenario=scenario
             )
+            result = with_broker(kind, measure, security=security)
             runs.append(result)
-            log(
-                f"rep {rep + 1} {scenario.name:<16} {kind:<9} {result.rps:8,.0f} req/s  "
-                f"p99 {result.p99_ms:6.2f} ms  CPU {result.cpu_ms_per_1000:6.1f} ms/1k"
-                + (f"  lost {result.lost} bad {result.bad}" if result.lost or result.bad else "")
-                + (f"  {result.errors}" if result.errors else "")
-            )
+            _log_run(rep, kind if security == "plain" else f"{kind} {security}", result)
     data.throughput.append(runs)
     if plan.variant:
         scenario = next(s for s in plan.scenarios if s.name == plan.variant)
-        result = with_broker("ours", lambda b: run_throughput(b, "majortomo", scenario))
+        measure = functools.partial(run_throughput, dialect="majortomo", scenario=scenario)
+        result = with_broker("ours", measure)
         data.variant.append([result])
         log(
             f"rep {rep + 1} {scenario.name} ours, majortomo dialect: {result.rps:,.0f} req/s, "
@@ -214,7 +259,10 @@ def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
             log(f"rep {rep + 1} ceiling: {ceiling.rate:,.0f} spawns/s")
         else:
             command = with_broker(
-                "ours", lambda b: run_command(b, plan.command_count, plan.command_seconds)
+                "ours",
+                functools.partial(
+                    run_command, count=plan.command_count, max_seconds=plan.command_seconds
+                ),
             )
             data.command.append(command)
             log(
@@ -225,8 +273,11 @@ def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
     for kind in order(rep):
         idle = with_broker(
             kind,
-            lambda b, k=kind: run_idle_workers(
-                b, NATIVE_DIALECT[k], plan.idle_workers, plan.idle_window
+            functools.partial(
+                run_idle_workers,
+                dialect=NATIVE_DIALECT[kind],
+                workers=plan.idle_workers,
+                window=plan.idle_window,
             ),
         )
         data.idle.append(idle)
@@ -237,11 +288,11 @@ def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
     for kind in order(rep):
         queue = with_broker(
             kind,
-            lambda b, k=kind: run_queue_drain(
-                b,
-                NATIVE_DIALECT[k],
-                plan.queue_requests,
-                plan.queue_workers,
+            functools.partial(
+                run_queue_drain,
+                dialect=NATIVE_DIALECT[kind],
+                requests=plan.queue_requests,
+                workers=plan.queue_workers,
                 timeout=plan.queue_timeout,
             ),
             max_queue=200_000,
@@ -293,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render is not None:
         data = load(json.loads(args.render.read_text()))
-        out = args.output_dir or args.render.parent
-        (out / "RESULTS.md").write_text(
+        render_dir: Path = args.output_dir or args.render.parent
+        (render_dir / "RESULTS.md").write_text(
             render(data, data.command_line or "python -m benchmarks.run")
         )
-        chart(data, out / "ratios.png")
-        log(f"rewrote {out / 'RESULTS.md'} from {args.render}")
+        chart(data, render_dir / "ratios.png")
+        log(f"rewrote {render_dir / 'RESULTS.md'} from {args.render}")
         return 0
     plan = quick_plan() if args.quick else full_plan(max(1, args.repetitions))
     given = sys.argv[1:] if argv is None else argv
@@ -334,9 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS.md").write_text(render(data, command_line))
     chart(data, out / "ratios.png")
-    (out / "results.json").write_text(json.dumps(dataclasses.asdict(data), indent=1) + "\n")
+    summary = {"curve_cost": [dataclasses.asdict(c) for c in curve_costs(data)]}
+    (out / "results.json").write_text(
+        json.dumps({**dataclasses.asdict(data), **summary}, indent=1) + "\n"
+    )
     for target in targets(data):
-        status = "n/a" if target.met is None else ("met" if target.met else "NOT MET")
+        status = target.status or (
+            "n/a" if target.met is None else ("met" if target.met else "NOT MET")
+        )
         log(f"{status:>7}: {target.name}: {target.measured}")
     log(f"wrote {out / 'RESULTS.md'} in {data.duration_s:.0f} s")
     return 0
