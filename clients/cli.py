@@ -20,7 +20,7 @@ from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsol
 from clients.results import ExitCode, exit_code_for
 from clients.runner import RunSettings, ServiceCheckFailed, check_services, run_commands
 from mdp import __version__
-from mdp.cli_options import curve_peer_options
+from mdp.cli_options import curve_peer_options, endpoint_callback
 from mdp.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_RETRIES,
@@ -100,6 +100,7 @@ def connection_options(f: F) -> F:
             "--broker",
             "brokers",
             multiple=True,
+            callback=endpoint_callback(),
             metavar="ENDPOINT",
             envvar="MDP_CLIENT_BROKER",
             show_envvar=True,

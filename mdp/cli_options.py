@@ -6,12 +6,48 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import zmq
 
 from mdp import logs
+from mdp.endpoints import EndpointError, check_endpoint
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from mdp.security import KeyFileError, curve_client_options
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+Callback = Callable[[click.Context, click.Parameter, Any], Any]
+
+
+def endpoint_callback(*, bind: bool = False) -> Callback:
+    """A click callback that checks an endpoint option (one value or `multiple`) before use:
+    endpoints to bind (`bind=True`) or to connect to.
+
+    A connect endpoint is also tried on a throw-away socket (nothing is sent), so whatever
+    else libzmq refuses is a usage error too, not a traceback later.
+    """
+
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        for endpoint in (value,) if isinstance(value, str) else value or ():
+            try:
+                check_endpoint(endpoint, bind=bind)
+            except EndpointError as exc:
+                raise click.BadParameter(str(exc), ctx, param) from None
+            if not bind:
+                _try_connect(endpoint, ctx, param)
+        return value
+
+    return check
+
+
+def _try_connect(endpoint: str, ctx: click.Context, param: click.Parameter) -> None:
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise click.BadParameter(f"cannot connect to {endpoint!r}: {exc}", ctx, param) from None
+    finally:
+        sock.close(linger=0)
 
 
 def log_options(info_help: str) -> Callable[[F], F]:

@@ -36,6 +36,7 @@ from mdp.client_core import (
     RetryPolicy,
     always_retry,
 )
+from mdp.endpoints import check_endpoint
 from mdp.errors import ProtocolError
 from mdp.protocol import Version
 
@@ -115,6 +116,8 @@ class Client:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("at least one broker endpoint is needed")
+        for endpoint in self.endpoints:
+            check_endpoint(endpoint)
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if retries < 0:

@@ -43,6 +43,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from mdp.endpoints import check_endpoint
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Version, validate_service_name
 from mdp.worker_core import (
     Action,
@@ -116,6 +117,9 @@ class WorkerOptions:
     socket_options: Sequence[tuple[int, int | bytes]] = ()
     """(option, value) pairs set on every socket before it connects, e.g.
     `mdp.security.curve_client_options(...)` for a CURVE broker."""
+
+    def __post_init__(self) -> None:
+        check_endpoint(self.broker)
 
     def config(self, service: str) -> WorkerConfig:
         return WorkerConfig(

@@ -10,10 +10,9 @@ import sys
 from typing import ClassVar
 
 import click
-import zmq
 
 from mdp import __version__, logs
-from mdp.cli_options import curve_peer_options, heartbeat_options, log_options
+from mdp.cli_options import curve_peer_options, endpoint_callback, heartbeat_options, log_options
 from mdp.protocol import Version
 from mdp.security import (
     ChildLimits,
@@ -51,19 +50,6 @@ class ByteSize(click.ParamType):
         return int(match[1]) * self._UNITS[match[2].lower()]
 
 
-def _check_endpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if "://" not in value:
-        raise click.BadParameter(f"{value!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-    try:
-        sock.connect(value)  # nothing is sent; this only checks the endpoint's syntax
-    except zmq.ZMQError as exc:
-        raise click.BadParameter(f"cannot connect to {value!r}: {exc}") from None
-    finally:
-        sock.close(linger=0)
-    return value
-
-
 @click.command(context_settings=CONTEXT)
 @click.option(
     "-s",
@@ -85,7 +71,7 @@ def _check_endpoint(ctx: click.Context, param: click.Parameter, value: str) -> s
     show_default=True,
     show_envvar=True,
     metavar="ENDPOINT",
-    callback=_check_endpoint,
+    callback=endpoint_callback(),
     help="The broker's ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH).",
 )
 @click.option(

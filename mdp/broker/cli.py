@@ -10,7 +10,7 @@ import zmq
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
-from mdp.cli_options import heartbeat_options, log_options
+from mdp.cli_options import endpoint_callback, heartbeat_options, log_options
 from mdp.security import BrokerAuth, SecurityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
@@ -23,6 +23,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     envvar="MDP_BROKER_BIND",
     multiple=True,
     default=["tcp://127.0.0.1:5555"],
+    callback=endpoint_callback(bind=True),
     show_default=True,
     show_envvar=True,
     metavar="ENDPOINT",

@@ -26,6 +26,7 @@ from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
 from mdp.broker.core import BrokerConfig, BrokerCore
+from mdp.endpoints import check_endpoint
 from mdp.errors import MDPError
 from mdp.fastzmq import POLLIN, readable, recv_frames, send_frames
 from mdp.security import BrokerAuth, exposed_endpoints, insecure_bind_help
@@ -73,6 +74,8 @@ class BrokerServer:
         self.endpoints = list(endpoints)
         if not self.endpoints:
             raise ValueError("a broker needs at least one endpoint to bind")
+        for endpoint in self.endpoints:
+            check_endpoint(endpoint, bind=True)
         self.core = BrokerCore(config)
         self.max_msg_size = max_msg_size
         self._context = context or zmq.Context.instance()

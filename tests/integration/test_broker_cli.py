@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -45,10 +46,27 @@ def test_bad_option_value_is_a_usage_error_without_traceback() -> None:
     assert "--heartbeat-ms" in result.stderr
 
 
-def test_unbindable_endpoint_gives_a_clear_error() -> None:
-    result = run("--bind", "tcp://not-an-address:x")
+@pytest.mark.parametrize(
+    ("endpoint", "reason"),
+    [
+        ("tcp://127.0.0.1:x", "the port 'x' is not a number or *"),
+        # libzmq alone would bind port 34463 (99999 modulo 65536) without a word.
+        ("tcp://127.0.0.1:99999", "the port 99999 is outside 0-65535"),
+        ("udp://127.0.0.1:5555", "unknown transport 'udp'"),
+    ],
+)
+def test_malformed_endpoint_is_a_usage_error(endpoint: str, reason: str) -> None:
+    result = run("--bind", endpoint)
+    assert result.returncode == 2
+    assert reason in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unbindable_endpoint_gives_a_clear_error(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/no-such-directory/broker.sock"
+    result = run("--bind", endpoint)
     assert result.returncode == 1
-    assert "cannot listen on tcp://not-an-address:x" in result.stderr
+    assert f"cannot listen on {endpoint}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

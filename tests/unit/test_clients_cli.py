@@ -57,6 +57,9 @@ def test_version() -> None:
         ["--mdp-version", "0.3"],
         ["--no-such-option"],
         ["unknown-subcommand"],
+        ["-a", "localhost:5555"],
+        ["-a", "tcp://127.0.0.1:99999"],
+        ["-a", "tcp://bad host:5555"],
     ],
 )
 def test_usage_errors_exit_2(commands: str, args: list[str]) -> None:
