@@ -5,10 +5,12 @@ services. Thin: parse options, build objects, run, map the result to an exit cod
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -46,6 +48,8 @@ Exit codes (when several apply, the first in this list wins):
   124  some command timed out (the worker killed it)
   1    some command failed (non-zero exit, or status error/invalid/rejected)
   0    every command ok
+  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): with --embedded, the
+       commands still running are killed with their process groups
 """
 
 MAIN_HELP = f"""Run the commands in FILE through an MDP broker and report their results.
@@ -286,12 +290,27 @@ def main(
     sys.exit(_run_sync(_run_file(specs, connection, settings, mode, embedded)))
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken the way Ctrl-C is: unwinding cancels every task, so the commands an
+    embedded worker runs are killed with their process groups instead of outliving us."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 def _run_sync(coroutine: Any) -> int:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(asyncio.run(coroutine))
+    except _Terminated:
+        click.echo(f"{PROG}: terminated", err=True)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         click.echo(f"{PROG}: interrupted", err=True)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _run_file(

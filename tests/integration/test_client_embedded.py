@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import script
+from tests.integration.test_worker_harness import live_members
+from tests.support import Process, script, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,3 +50,31 @@ def test_service_the_embedded_worker_cannot_host_exits_69() -> None:
     assert result.returncode == 69
     assert "--embedded hosts only the built-in services" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_client_and_the_commands_its_workers_ran(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """`timeout 10 mdp-client --embedded ...` or Ctrl-C: no command outlives the client, and
+    the exit code is 128 + the signal."""
+    marker = tmp_path / "pgid"
+    commands = tmp_path / "commands.json"
+    entry = {"command_type": "shell", "command_name": f"echo $$ > {marker}; exec sleep 30"}
+    commands.write_text(json.dumps([entry]))
+    client = Process(
+        [script("mdp-client"), "--embedded", "-f", str(commands)],
+        # A child of a non-interactive shell may inherit SIGINT ignored; a terminal's is not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        wait_until(lambda: marker.exists() and marker.read_text().strip(), 15, what="the command")
+        pgid = int(marker.read_text())
+        assert live_members(pgid), "the command should be running"
+        client.signal(sig)
+        assert client.wait(timeout=10) == 128 + sig
+        _, err = client.popen.communicate(timeout=5)
+        assert b"Traceback" not in err
+        wait_until(lambda: live_members(pgid) == [], 5, what=f"group {pgid} to be dead")
+    finally:
+        client.kill()
