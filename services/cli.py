@@ -256,15 +256,11 @@ def main(
     """
     logs.configure(log_level, log_json)
     socket_options = curve_peer_options(curve_secret_key, curve_server_key)
-    if not socket_options and not is_local_endpoint(broker):
-        log.warning("connecting to %s without CURVE: nothing is encrypted", broker)
     child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
     try:
         child.check_user()
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--user'") from None
-    if user is None and os.geteuid() == 0:
-        log.warning("running as root without --user: commands run as root")
     settings = CommandSettings(
         default_timeout=default_timeout,
         max_timeout=max_timeout,
@@ -279,6 +275,11 @@ def main(
         hosted = load_services(specs, settings)
     except ServiceSpecError as exc:
         raise click.BadParameter(str(exc), param_hint="'--service'") from None
+    # Warnings only once every option is known to be good: a usage error says nothing else.
+    if not socket_options and not is_local_endpoint(broker):
+        log.warning("connecting to %s without CURVE: nothing is encrypted", broker)
+    if user is None and os.geteuid() == 0:
+        log.warning("running as root without --user: commands run as root")
     options = WorkerOptions(
         broker=broker,
         version=Version(mdp_version),
