@@ -127,7 +127,7 @@ def pair_ratios(
     bottom: Side = MAJORTOMO,
 ) -> list[float]:
     """top/bottom (default ours/majortomo, both without CURVE) for `metric`, per repetition."""
-    return [metric(a) / metric(b) for a, b in _pairs(data, scenario, top, bottom) if metric(b) > 0]
+    return _ratio_list(_pairs(data, scenario, top, bottom), metric)
 
 
 def _cpu(r: ThroughputResult) -> float:
@@ -207,6 +207,9 @@ def curve_costs(data: RunData) -> list[CurveCost]:
                 continue
             curve = [a for a, _ in pairs]
             plain = [b for _, b in pairs]
+            rps_ratios = _ratio_list(pairs, _rps)
+            p99_ratios = _ratio_list(pairs, _p99)
+            cpu_ratios = _ratio_list(pairs, _cpu)
             out.append(
                 CurveCost(
                     scenario=s.name,
@@ -224,15 +227,15 @@ def curve_costs(data: RunData) -> list[CurveCost]:
                     plain_main_thread_ms_per_1000=median(
                         [r.main_thread_ms_per_1000 for r in plain]
                     ),
-                    rps_ratio=median(_ratio_list(pairs, _rps)),
-                    p99_ratio=median(_ratio_list(pairs, _p99)),
-                    cpu_ratio=median(_ratio_list(pairs, _cpu)),
+                    rps_ratio=median(rps_ratios),
+                    p99_ratio=median(p99_ratios),
+                    cpu_ratio=median(cpu_ratios),
                     cpu_added_us_per_request=median(
                         [a.cpu_ms_per_1000 - b.cpu_ms_per_1000 for a, b in pairs]
                     ),
-                    rps_ratios=_ratio_list(pairs, _rps),
-                    p99_ratios=_ratio_list(pairs, _p99),
-                    cpu_ratios=_ratio_list(pairs, _cpu),
+                    rps_ratios=rps_ratios,
+                    p99_ratios=p99_ratios,
+                    cpu_ratios=cpu_ratios,
                 )
             )
     return out
