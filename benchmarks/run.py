@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         data = load(json.loads(args.render.read_text()))
         render_dir: Path = args.output_dir or args.render.parent
+        render_dir.mkdir(parents=True, exist_ok=True)
         (render_dir / "RESULTS.md").write_text(
             render(data, data.command_line or "python -m benchmarks.run")
         )
