@@ -40,6 +40,8 @@ STATUS_STYLE = {
     "error": "bold magenta",
     "invalid": "bold magenta",
     "rejected": "bold magenta",
+    "cancelled": "bold magenta",
+    "expired": "bold red reverse",
     "lost": "bold red reverse",
 }
 PREFIX_WIDTH = 40

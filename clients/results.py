@@ -37,8 +37,18 @@ class ExitCode(enum.IntEnum):
 
 
 # Statuses a worker reports (spec/command-service.md), plus "lost": the client got no result.
-FAILED_STATUSES = frozenset({"failed", "error", "invalid", "rejected"})
-STATUS_ORDER = ("ok", "failed", "timeout", "error", "invalid", "rejected", "lost")
+FAILED_STATUSES = frozenset({"failed", "error", "invalid", "rejected", "cancelled"})
+STATUS_ORDER = (
+    "ok",
+    "failed",
+    "timeout",
+    "error",
+    "invalid",
+    "rejected",
+    "cancelled",
+    "expired",
+    "lost",
+)
 
 
 @dataclass
@@ -99,7 +109,7 @@ def json_bytes(data: bytes) -> str | dict[str, str]:
 def exit_code_for(outcomes: Iterable[CommandOutcome]) -> ExitCode:
     """LOST (75) > TIMEOUT (124) > FAILED (1) > OK (0), over all commands."""
     statuses = {outcome.status for outcome in outcomes}
-    if "lost" in statuses:
+    if "lost" in statuses or "expired" in statuses:  # expired: it never ran, like lost
         return ExitCode.LOST
     if "timeout" in statuses:
         return ExitCode.TIMEOUT

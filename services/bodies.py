@@ -88,6 +88,10 @@ class CommandRequest(CommandFields):
 
     request_id: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID)] | None = None
     stdin: Annotated[bytes, Field(max_length=MAX_STDIN)] | None = None
+    start_by: Annotated[float, Field(gt=0)] | None = None
+    """UNIX time (wall clock) after which the worker must not start this attempt
+    (spec/command-service.md §14.1). Not part of the request's identity: each attempt of one
+    request_id carries its own."""
 
 
 class WorkerInfo(_Body):
@@ -96,9 +100,11 @@ class WorkerInfo(_Body):
     host: str
     pid: int
     id: str = ""
+    name: str | None = None
+    """The worker's --name: `SERVICE@NAME` reaches this worker alone (§14.3)."""
 
 
-Status = Literal["ok", "failed", "timeout", "error", "invalid", "rejected"]
+Status = Literal["ok", "failed", "timeout", "error", "invalid", "rejected", "expired", "cancelled"]
 
 
 class CommandResult(_Body):
@@ -127,6 +133,8 @@ class Started(_Body):
     event: Literal["started"] = "started"
     worker: WorkerInfo
     request_id: str | None = None
+    timeout: float | None = None
+    """The run limit the worker applies to this command, in seconds (§14.2)."""
 
 
 class Progress(_Body):
@@ -145,6 +153,25 @@ class Output(_Body):
 
     stream: Literal["stdout", "stderr"]
     data: bytes
+
+
+class CancelRequest(_Body):
+    """A control message to `SERVICE@NAME`: stop the run of this request_id (§14.3)."""
+
+    cancel: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID)]
+
+
+CancelOutcome = Literal["cancelled", "finished", "unknown"]
+
+
+class CancelReply(_Body):
+    """The FINAL answer to a CancelRequest."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    request_id: str
+    cancel: CancelOutcome
+    worker: WorkerInfo | None = None
 
 
 PartialEvent = Started | Progress | Output
@@ -187,6 +214,26 @@ def parse_request(frames: list[bytes]) -> CommandRequest:
         return CommandRequest.model_validate(data)
     except ValidationError as exc:
         raise BodyError("invalid command request", _errors_of(exc)) from None
+
+
+def parse_cancel(frames: list[bytes]) -> CancelRequest:
+    """Validate a control body sent to `SERVICE@NAME`. Raises BodyError."""
+    if len(frames) != 1:
+        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
+    try:
+        return CancelRequest.model_validate(unpack_map(frames[0]))
+    except ValidationError as exc:
+        raise BodyError("invalid control message", _errors_of(exc)) from None
+
+
+def parse_cancel_reply(frames: list[bytes]) -> CancelReply:
+    """Validate the FINAL answer to a cancel message. Raises BodyError."""
+    if len(frames) != 1:
+        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
+    try:
+        return CancelReply.model_validate(unpack_map(frames[0]))
+    except ValidationError as exc:
+        raise BodyError("invalid cancel answer", _errors_of(exc)) from None
 
 
 def parse_result(frames: list[bytes]) -> CommandResult:

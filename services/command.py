@@ -101,7 +101,8 @@ def command_argv(mode: Mode, request: CommandRequest) -> list[str]:
 
 
 def _request_digest(request: CommandRequest) -> bytes:
-    return hashlib.sha256(pack(request.model_dump())).digest()
+    # start_by differs between attempts of one request: it is no part of what the request is.
+    return hashlib.sha256(pack(request.model_dump(exclude={"start_by"}))).digest()
 
 
 def _peek_request_id(body: list[bytes]) -> str | None:
