@@ -22,7 +22,7 @@ from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsol
 from clients.results import ExitCode, exit_code_for
 from clients.runner import RunSettings, ServiceCheckFailed, check_services, run_commands
 from mdp import __version__
-from mdp.cli_options import curve_peer_options, endpoint_callback
+from mdp.cli_options import curve_options, curve_socket_options, endpoint_callback
 from mdp.client import (
     DEFAULT_ENDPOINT,
     DEFAULT_RETRIES,
@@ -126,21 +126,7 @@ def connection_options(f: F) -> F:
             show_envvar=True,
             help=f"How many times a silent request may be re-sent. [default: {DEFAULT_RETRIES}]",
         ),
-        click.option(
-            "--curve-secret-key",
-            metavar="FILE",
-            envvar="MDP_CLIENT_CURVE_SECRET_KEY",
-            show_envvar=True,
-            help="This client's CURVE key pair (NAME.key_secret, from mdp-keys); with "
-            "--curve-server-key, talk to a broker that requires CURVE authentication.",
-        ),
-        click.option(
-            "--curve-server-key",
-            metavar="FILE",
-            envvar="MDP_CLIENT_CURVE_SERVER_KEY",
-            show_envvar=True,
-            help="The broker's CURVE public key (NAME.key).",
-        ),
+        curve_options("client"),
         click.option(
             "--mdp-version",
             type=click.Choice(["0.1", "0.2"]),
@@ -171,7 +157,7 @@ class Connection:
         self.mdp_version: str = pick("mdp_version", "0.2")
         self.curve_secret_key: str | None = pick("curve_secret_key", None)
         self.curve_server_key: str | None = pick("curve_server_key", None)
-        self.socket_options = curve_peer_options(self.curve_secret_key, self.curve_server_key)
+        self.socket_options = curve_socket_options(self.curve_secret_key, self.curve_server_key)
 
     def client(self, brokers: Sequence[str] | None = None, *, local: bool = False) -> Client:
         """A Client for the given brokers; `local` (the embedded broker) skips CURVE."""
@@ -400,11 +386,7 @@ def services(parent: Connection, /, as_json: bool, **params: Any) -> None:
         if as_json:
             import json
 
-            click.echo(
-                json.dumps(
-                    [{"name": s.name, "workers": s.workers, "queued": s.queued} for s in found]
-                )
-            )
+            click.echo(json.dumps([s.to_map() for s in found]))
             return 0
         console = Console(highlight=False)
         if not found:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 import zmq
@@ -11,7 +11,7 @@ import zmq
 from mdp import logs
 from mdp.endpoints import EndpointError, check_endpoint
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from mdp.security import KeyFileError, curve_client_options
+from mdp.security import KeyFileError, SocketOptions, curve_client_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,7 +93,75 @@ def heartbeat_options(heartbeat_help: str, liveness_help: str) -> Callable[[F], 
     return decorate
 
 
-def curve_peer_options(secret: str | None, server: str | None) -> list[tuple[int, int | bytes]]:
+Program = Literal["broker", "worker", "client"]
+
+_KEY_FILE = click.Path(exists=True, dir_okay=False)
+_KEY_DIR = click.Path(exists=True, file_okay=False)
+
+
+def curve_options(program: Program) -> Callable[[F], F]:
+    """Add the CURVE options of `program` (spec/security.md), read also from MDP_<PROGRAM>_*.
+
+    The broker gets --curve-secret-key, --allow-clients and --allow-workers (its key pair and
+    allow-list directories); a worker or client gets --curve-secret-key and --curve-server-key
+    (its own key pair and the broker's public key; see `curve_socket_options`).
+    """
+    prefix = f"MDP_{program.upper()}_"
+    if program == "broker":
+        specs = [
+            (
+                "--curve-secret-key",
+                _KEY_FILE,
+                "FILE",
+                "Turn on CURVE encryption and authentication with this key pair (the "
+                "NAME.key_secret file from `mdp-keys generate`). Needs --allow-clients and "
+                "--allow-workers.",
+            ),
+            (
+                "--allow-clients",
+                _KEY_DIR,
+                "DIR",
+                "Directory of client public keys (NAME.key) allowed to send requests. Re-read "
+                "when it changes: add or remove a key without a restart.",
+            ),
+            (
+                "--allow-workers",
+                _KEY_DIR,
+                "DIR",
+                "Directory of worker public keys allowed to register services. Re-read when it "
+                "changes.",
+            ),
+        ]
+    else:
+        specs = [
+            (
+                "--curve-secret-key",
+                _KEY_FILE,
+                "FILE",
+                f"This {program}'s CURVE key pair (NAME.key_secret, from mdp-keys); with "
+                "--curve-server-key, connect to a broker that requires CURVE authentication. "
+                f"The broker must list the public key in its --allow-{program}s directory.",
+            ),
+            ("--curve-server-key", _KEY_FILE, "FILE", "The broker's CURVE public key (NAME.key)."),
+        ]
+
+    def decorate(f: F) -> F:
+        for name, type_, metavar, help_ in reversed(specs):
+            f = click.option(
+                name,
+                type=type_,
+                default=None,
+                metavar=metavar,
+                envvar=prefix + name[2:].upper().replace("-", "_"),
+                show_envvar=True,
+                help=help_,
+            )(f)
+        return f
+
+    return decorate
+
+
+def curve_socket_options(secret: str | None, server: str | None) -> SocketOptions:
     """Socket options for a CURVE client or worker, from --curve-secret-key/--curve-server-key.
 
     Both or neither; a bad key file is a click usage error naming both options.

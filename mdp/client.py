@@ -2,9 +2,9 @@
 
     async with Client(["tcp://127.0.0.1:5555"]) as client:
         body = await client.request("echo", b"hello")          # the FINAL body
-        async for part in client.stream("shell", request):      # PARTIALs, then the FINAL
+        async for part in client.stream("report", request):     # PARTIALs, then the FINAL
             ...
-        if await client.service_exists("shell"): ...           # MMI (RFC 8)
+        if await client.service_exists("report"): ...          # MMI (RFC 8)
 
 Correlation: MDP replies carry no request id, and RFC 7/18 make the client dialog synchronous
 per socket, so every in-flight attempt of a request owns one DEALER socket. Any number of
@@ -20,14 +20,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
+from mdp import mmi
 from mdp.client_core import (
     AttemptFailed,
     Part,
@@ -38,6 +37,7 @@ from mdp.client_core import (
 )
 from mdp.endpoints import check_endpoint
 from mdp.errors import ProtocolError
+from mdp.mmi import MMINotImplemented, ServiceInfo
 from mdp.protocol import Version
 
 __all__ = [
@@ -63,23 +63,6 @@ DEFAULT_RETRIES = 2
 DEFAULT_MAX_IDLE_SOCKETS = 64
 MAX_SOCKETS = 4096
 """The socket cap of a context the client owns: bounds the requests in flight at once."""
-
-MMI_FOUND = b"200"
-MMI_NOT_FOUND = b"404"
-MMI_NOT_IMPLEMENTED = b"501"
-
-
-class MMINotImplemented(ProtocolError):
-    """The broker answered "501": it does not implement this `mmi.*` service (RFC 8)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceInfo:
-    """One entry of the `mmi.services` answer (our MMI extension, see spec/mdp.md)."""
-
-    name: str
-    workers: int
-    queued: int
 
 
 def _as_bytes(service: str | bytes) -> bytes:
@@ -252,7 +235,7 @@ class Client:
     async def mmi(self, service: str | bytes, *body: bytes) -> list[bytes]:
         """Ask the broker's management interface (RFC 8): `service` starts with "mmi."."""
         name = _as_bytes(service)
-        if not name.startswith(b"mmi."):
+        if not mmi.is_mmi(name):
             raise ValueError("MMI services start with 'mmi.'")
         return await self.request(name, *(body or (b"",)))
 
@@ -262,13 +245,13 @@ class Client:
         Raises `MMINotImplemented` if the broker answers 501, `ProtocolError` for any other
         answer than 200/404, `RequestTimeout` if the broker does not answer.
         """
-        reply = await self.mmi("mmi.service", _as_bytes(service))
+        reply = await self.mmi(mmi.SERVICE, _as_bytes(service))
         code = reply[0] if reply else b""
-        if code == MMI_FOUND:
+        if code == mmi.FOUND:
             return True
-        if code == MMI_NOT_FOUND:
+        if code == mmi.NOT_FOUND:
             return False
-        if code == MMI_NOT_IMPLEMENTED:
+        if code == mmi.NOT_IMPLEMENTED:
             raise MMINotImplemented("the broker does not implement mmi.service")
         raise ProtocolError(f"unexpected mmi.service answer {code[:20]!r}")
 
@@ -279,26 +262,7 @@ class Client:
         holding a list of maps {"name": str, "workers": int, "queued": int}. Raises
         `MMINotImplemented` if the broker answers 501, `ProtocolError` for a malformed answer.
         """
-        reply = await self.mmi("mmi.services")
-        if reply == [MMI_NOT_IMPLEMENTED]:
-            raise MMINotImplemented("the broker does not implement mmi.services")
-        if len(reply) != 1:
-            raise ProtocolError("mmi.services answer must be one frame")
-        try:
-            entries = msgpack.unpackb(reply[0], raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise ProtocolError(f"mmi.services answer is not msgpack: {exc}") from None
-        if not isinstance(entries, list):
-            raise ProtocolError("mmi.services answer must be a list")
-        result = []
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise ProtocolError("mmi.services entries must be maps")
-            name, workers, queued = entry.get("name"), entry.get("workers"), entry.get("queued")
-            if not (isinstance(name, str) and isinstance(workers, int) and isinstance(queued, int)):
-                raise ProtocolError(f"malformed mmi.services entry {entry!r:.100}")
-            result.append(ServiceInfo(name, workers, queued))
-        return result
+        return mmi.decode_services(await self.mmi(mmi.SERVICES))
 
     def close(self) -> None:
         """Close every socket (linger 0: unsent requests are dropped) and the owned context."""

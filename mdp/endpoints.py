@@ -1,24 +1,32 @@
-"""ZeroMQ endpoint checks for the three programs and the libraries.
+"""ZeroMQ endpoints: whether one is well formed, and whether other machines can reach it.
 
 libzmq accepts some endpoints it should refuse: it reads a tcp port with `atoi` and keeps the
 low 16 bits, so `tcp://127.0.0.1:99999` binds or connects to port 34463 without a word. Other
 mistakes it refuses only with EINVAL or EPROTONOSUPPORT, which pyzmq raises from deep inside a
 connect. `check_endpoint` says what is wrong, in words, before any socket sees the endpoint.
+
+`exposed_endpoints` says which endpoints to bind other machines might reach: the broker refuses
+those without CURVE (spec/security.md), and the worker warns when it connects to one without.
+Both read a tcp address with the same `_host_port`.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from typing import Final
 
 from mdp.errors import MDPError
 
-__all__ = ["EndpointError", "check_endpoint"]
+__all__ = ["EndpointError", "check_endpoint", "exposed_endpoints", "is_local_endpoint"]
 
 TRANSPORTS: Final = ("tcp", "ipc", "inproc")
 """The transports MDP peers use; a few more (below) are passed on to libzmq to judge."""
 _OTHER_ZMQ_TRANSPORTS: Final = frozenset({"ws", "wss", "tipc", "vmci"})
 _EXAMPLES: Final = "tcp://HOST:PORT, ipc://PATH or inproc://NAME"
 _MAX_PORT: Final = 65535
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "lo", "ip6-localhost"})
+_LOCAL_TRANSPORTS: Final = frozenset({"ipc", "inproc"})
 
 
 class EndpointError(MDPError, ValueError):
@@ -48,9 +56,8 @@ def check_endpoint(endpoint: str, *, bind: bool = False) -> str:
 
 def _check_tcp(endpoint: str, address: str, bind: bool) -> None:
     # tcp://SOURCE;HOST:PORT binds the outgoing connection to SOURCE; HOST:PORT is the peer.
-    destination = address.rsplit(";", 1)[-1]
-    host, colon, port = destination.rpartition(":")
-    if not colon or not host:
+    host, port = _host_port(address.rsplit(";", 1)[-1])
+    if port is None or not host:
         raise EndpointError(f"{endpoint!r}: a tcp endpoint needs HOST:PORT")
     if bind and port == "*":
         return
@@ -63,3 +70,60 @@ def _check_tcp(endpoint: str, address: str, bind: bool) -> None:
         raise EndpointError(f"{endpoint!r}: the port {number} is outside {lowest}-{_MAX_PORT}")
     if not bind and host == "*":
         raise EndpointError(f"{endpoint!r}: '*' is for binding; connect to a host name or address")
+
+
+def _host_port(address: str) -> tuple[str, str | None]:
+    """A tcp address split at its last colon: (host, port); (address, None) without a colon."""
+    host, colon, port = address.rpartition(":")
+    return (host, port) if colon else (address, None)
+
+
+# ------------------------------------------------------------------------------------------
+# Exposure: where the broker may listen without CURVE
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True if binding `endpoint` cannot be reached from another machine.
+
+    ipc:// and inproc:// are local; tcp:// is local only for a loopback address (127.0.0.0/8,
+    ::1), `localhost` or the `lo` interface. Anything else, including `*`, other host names
+    and other transports, counts as exposed: we do not resolve names to decide.
+    """
+    transport, sep, address = endpoint.partition("://")
+    if not sep:
+        return False
+    transport = transport.lower()
+    if transport in _LOCAL_TRANSPORTS:
+        return True
+    if transport != "tcp":
+        return False
+    host, _ = _host_port(address)
+    if ";" in host:  # tcp://SOURCE;DEST is a connect form; for bind the host is what counts
+        return False
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def exposed_endpoints(endpoints: Iterable[str]) -> list[str]:
+    """The endpoints among `endpoints` that other machines might reach.
+
+    A tcp:// endpoint whose port is neither a number nor `*` is left out: ZeroMQ refuses to
+    bind it, and that error says more than a refusal about authentication would.
+    """
+    return [e for e in endpoints if not is_local_endpoint(e) and not _unbindable_tcp(e)]
+
+
+def _unbindable_tcp(endpoint: str) -> bool:
+    transport, _, address = endpoint.partition("://")
+    if transport.lower() != "tcp":
+        return False
+    _, port = _host_port(address)
+    return port is not None and not (port.isdigit() or port == "*")

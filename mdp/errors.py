@@ -25,3 +25,11 @@ class Disconnected(MDPError):
 
 class ServiceUnavailable(MDPError):
     """The broker knows no worker for the service (MMI answered 404)."""
+
+
+class SecurityError(MDPError):
+    """CURVE cannot be set up as asked (so the program must not start without it)."""
+
+
+class KeyFileError(SecurityError):
+    """A certificate file or allow-list directory is missing, unreadable or malformed."""

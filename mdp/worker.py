@@ -43,6 +43,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from mdp import mmi
 from mdp.endpoints import check_endpoint
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Version, validate_service_name
 from mdp.worker_core import (
@@ -99,7 +100,7 @@ class Service:
 
     def __post_init__(self) -> None:
         validate_service_name(self.name.encode())
-        if self.name.startswith("mmi."):
+        if mmi.is_mmi(self.name):
             raise ValueError("the mmi. namespace is reserved for the broker (RFC 8)")
 
 

@@ -12,16 +12,19 @@ from typing import ClassVar
 import click
 
 from mdp import __version__, logs
-from mdp.cli_options import curve_peer_options, endpoint_callback, heartbeat_options, log_options
-from mdp.protocol import Version
-from mdp.security import (
-    ChildLimits,
-    CommandPolicy,
-    is_local_endpoint,
+from mdp.cli_options import (
+    curve_options,
+    curve_socket_options,
+    endpoint_callback,
+    heartbeat_options,
+    log_options,
 )
+from mdp.endpoints import is_local_endpoint
+from mdp.protocol import Version
 from mdp.worker import WorkerOptions, serve
 from services.command import DEFAULT_MAX_TIMEOUT, DEFAULT_TIMEOUT, CommandSettings
 from services.execution import Limits
+from services.policy import ChildLimits, CommandPolicy
 from services.registry import BUILTIN, ServiceSpecError, load_services
 
 CONTEXT = {
@@ -144,24 +147,7 @@ class ByteSize(click.ParamType):
     "cancelled (a second signal cancels them at once).",
 )
 @log_options("INFO logs registrations, reconnections and one line per command; DEBUG every frame.")
-@click.option(
-    "--curve-secret-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    show_envvar=True,
-    metavar="FILE",
-    help="This worker's CURVE key pair (NAME.key_secret, from mdp-keys); with "
-    "--curve-server-key, connect to a broker that requires CURVE authentication. The "
-    "broker must list the public key in its --allow-workers directory.",
-)
-@click.option(
-    "--curve-server-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    show_envvar=True,
-    metavar="FILE",
-    help="The broker's CURVE public key (NAME.key).",
-)
+@curve_options("worker")
 @click.option(
     "--allow",
     "allow",
@@ -255,7 +241,7 @@ def main(
       mdp-worker -s upper=mypackage.handlers:upper
     """
     logs.configure(log_level, log_json)
-    socket_options = curve_peer_options(curve_secret_key, curve_server_key)
+    socket_options = curve_socket_options(curve_secret_key, curve_server_key)
     child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
     try:
         child.check_user()

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mdp.security import ChildLimits, CommandPolicy
 from mdp.worker import Request, Service
 from services.bodies import (
     BodyError,
@@ -35,6 +34,7 @@ from services.bodies import (
 )
 from services.dedup import RequestCache
 from services.execution import Emit, Limits, Outcome, run_process
+from services.policy import ChildLimits, CommandPolicy
 
 __all__ = [
     "SHELL",

@@ -272,7 +272,7 @@ async def run_process(
     """Run `argv` (no shell involved) and return how it ended. Never raises for anything the
     command does; cancellation kills the process group and re-raises. `popen_kwargs` are
     extra `subprocess.Popen` arguments (the worker's user switch and resource limits,
-    `mdp.security.ChildLimits.popen_kwargs`)."""
+    `services.policy.ChildLimits.popen_kwargs`)."""
     started = time.monotonic()
     try:
         proc = subprocess.Popen(

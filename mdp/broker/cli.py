@@ -10,7 +10,7 @@ import zmq
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
-from mdp.cli_options import endpoint_callback, heartbeat_options, log_options
+from mdp.cli_options import curve_options, endpoint_callback, heartbeat_options, log_options
 from mdp.security import BrokerAuth, SecurityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
@@ -68,32 +68,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     help="Largest message accepted, in bytes; a peer sending more is disconnected by ZeroMQ.",
 )
 @log_options("INFO logs worker registrations and expiries; DEBUG also dumps every frame.")
-@click.option(
-    "--curve-secret-key",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    show_envvar=True,
-    metavar="FILE",
-    help="Turn on CURVE encryption and authentication with this key pair (the NAME.key_secret "
-    "file from `mdp-keys generate`). Needs --allow-clients and --allow-workers.",
-)
-@click.option(
-    "--allow-clients",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    show_envvar=True,
-    metavar="DIR",
-    help="Directory of client public keys (NAME.key) allowed to send requests. Re-read when "
-    "it changes: add or remove a key without a restart.",
-)
-@click.option(
-    "--allow-workers",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    show_envvar=True,
-    metavar="DIR",
-    help="Directory of worker public keys allowed to register services. Re-read when it changes.",
-)
+@curve_options("broker")
 @click.option(
     "--insecure",
     is_flag=True,

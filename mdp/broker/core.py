@@ -29,10 +29,8 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Final
 
-import msgpack
-
+from mdp import mmi
 from mdp.protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -46,13 +44,6 @@ from mdp.protocol import (
 )
 
 log = logging.getLogger("mdp.broker")
-
-MMI_PREFIX: Final = b"mmi."
-MMI_SERVICE: Final = b"mmi.service"
-MMI_SERVICES: Final = b"mmi.services"
-MMI_FOUND: Final = b"200"
-MMI_NOT_FOUND: Final = b"404"
-MMI_NOT_IMPLEMENTED: Final = b"501"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +167,7 @@ class BrokerCore:
 
     def _on_client_request(self, client: bytes, message: ClientRequest, now: float) -> None:
         service_name = message.service
-        if service_name.startswith(MMI_PREFIX):
+        if mmi.is_mmi(service_name):
             self._on_mmi(client, message)
             return
         self.stats.requests += 1
@@ -242,19 +233,16 @@ class BrokerCore:
         # RFC 8: the broker answers the mmi.* namespace itself.
         self.stats.mmi_requests += 1
         name = message.service
-        if name == MMI_SERVICE:
+        if name == mmi.SERVICE:
             service = self.services.get(message.body[0])
-            body = MMI_FOUND if service is not None and service.worker_count else MMI_NOT_FOUND
-        elif name == MMI_SERVICES:
-            body = msgpack.packb(
-                [
-                    {"name": _text(s.name), "workers": s.worker_count, "queued": len(s.requests)}
-                    for s in self.services.values()
-                ],
-                use_bin_type=True,
+            body = mmi.FOUND if service is not None and service.worker_count else mmi.NOT_FOUND
+        elif name == mmi.SERVICES:
+            body = mmi.encode_services(
+                mmi.ServiceInfo(_text(s.name), s.worker_count, len(s.requests))
+                for s in self.services.values()
             )
         else:
-            body = MMI_NOT_IMPLEMENTED
+            body = mmi.NOT_IMPLEMENTED
         self.outbox.append([client, *message.framing.final(name, [body])])
 
     # ---------------------------------------------------------------------------------------
@@ -262,7 +250,7 @@ class BrokerCore:
 
     def _register(self, identity: bytes, message: WorkerMessage, now: float) -> None:
         name = message.service
-        if name.startswith(MMI_PREFIX):
+        if mmi.is_mmi(name):
             # RFC 8: workers may not register in the mmi.* namespace.
             self._reject(identity, message.framing)
             return

@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -26,10 +26,10 @@ from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
 from mdp.broker.core import BrokerConfig, BrokerCore
-from mdp.endpoints import check_endpoint
+from mdp.endpoints import check_endpoint, exposed_endpoints
 from mdp.errors import MDPError
 from mdp.fastzmq import POLLIN, readable, recv_frames, send_frames
-from mdp.security import BrokerAuth, exposed_endpoints, insecure_bind_help
+from mdp.security import BrokerAuth
 
 log = logging.getLogger("mdp.broker")
 
@@ -46,6 +46,24 @@ _RCVMORE = int(zmq.RCVMORE)
 
 class InsecureBindError(MDPError):
     """The broker was asked to listen where other machines can reach it, without CURVE."""
+
+
+def insecure_bind_help(endpoints: Sequence[str]) -> str:
+    """Why the broker refuses to listen on `endpoints` without CURVE, and how to set it up."""
+    bind = " ".join(f"--bind {e}" for e in endpoints)
+    return (
+        f"refusing to listen on {', '.join(endpoints)} without authentication: anyone who can "
+        "reach it could run commands on your workers.\n"
+        "Set up CURVE keys (README, 'Running across machines'):\n"
+        "  mdp-keys generate broker --dir keys\n"
+        "  mdp-keys generate alice --dir keys      # one per client\n"
+        "  mdp-keys generate worker1 --dir keys    # one per worker\n"
+        "  mdp-keys allow client keys/alice.key --dir allowed/clients\n"
+        "  mdp-keys allow worker keys/worker1.key --dir allowed/workers\n"
+        f"  mdp-broker {bind} --curve-secret-key keys/broker.key_secret "
+        "--allow-clients allowed/clients --allow-workers allowed/workers\n"
+        "Or pass --insecure to listen without authentication anyway (not recommended)."
+    )
 
 
 class BrokerServer:

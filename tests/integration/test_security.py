@@ -9,6 +9,9 @@ frames and handshake events; tests/integration/test_security_services.py drives 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -16,12 +19,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from mdp.errors import SecurityError
 from mdp.security import curve_client_options, generate_key_pair, load_public_key
+from mdp.security.allowlists import RESCAN_INTERVAL, AllowLists
+from mdp.security.zap import ZAP_ENDPOINT, safe_reply
 from tests.support import TEST_HEARTBEAT_MS, TEST_LIVENESS, free_tcp_endpoint, script, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -391,10 +399,63 @@ def test_curve_is_configured_from_environment_variables(
 # --- the asyncio ZAP handler --------------------------------------------------------------
 
 
-async def test_the_asyncio_zap_handler_applies_the_same_allow_lists(keys: Keys) -> None:
-    import zmq.asyncio
+class AsyncZapAuthenticator:
+    """The ZAP handler as an asyncio task, for a CURVE server run in asyncio.
 
-    from mdp.security import AllowLists, AsyncZapAuthenticator, BrokerAuth, load_key_pair
+    Not part of the product (the broker runs `ZapThread` beside its poll loop); it shows that
+    `safe_reply` applies the same rules under any event loop. `context` may be a plain or an
+    asyncio pyzmq context; the handler binds on it (shadowing it for asyncio) so sockets of
+    that context are checked.
+    """
+
+    def __init__(self, lists: AllowLists, rescan_interval: float = RESCAN_INTERVAL) -> None:
+        self.lists = lists
+        self.rescan_interval = rescan_interval
+        self._task: asyncio.Task[None] | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+
+    def start(self, context: zmq.Context[Any]) -> None:
+        actx = zmq.asyncio.Context.shadow(context.underlying)
+        sock = actx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise SecurityError(f"cannot start the ZAP handler: {exc}") from None
+        self._socket = sock
+        self._task = asyncio.get_running_loop().create_task(self._run(sock), name="mdp-zap")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self, sock: zmq.asyncio.Socket) -> None:
+        next_scan = time.monotonic() + self.rescan_interval
+        try:
+            while True:
+                timeout = max(0.0, next_scan - time.monotonic())
+                if await sock.poll(math.ceil(timeout * 1000)):
+                    request = await sock.recv_multipart()
+                    await sock.send_multipart(safe_reply(request, self.lists))
+                if time.monotonic() >= next_scan:
+                    try:
+                        self.lists.refresh()
+                    except OSError as exc:
+                        logging.getLogger("mdp.security").warning(
+                            "cannot re-read the allow-lists: %s", exc
+                        )
+                    next_scan = time.monotonic() + self.rescan_interval
+        finally:
+            sock.close(linger=0)
+            self._socket = None
+
+
+async def test_the_asyncio_zap_handler_applies_the_same_allow_lists(keys: Keys) -> None:
+    from mdp.security import BrokerAuth, load_key_pair
 
     context = zmq.asyncio.Context()
     zap = AsyncZapAuthenticator(AllowLists(keys.clients, keys.workers))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mdp.security import ChildLimits, CommandPolicy
 from services.bodies import CommandResult, pack, parse_result
 from services.command import CommandService, CommandSettings
+from services.policy import ChildLimits, CommandPolicy
 from tests.unit.test_services_command import Call
 
 
