@@ -1,0 +1,276 @@
+"""The job store interface: what `mdp-jobs` needs from a database, and nothing more.
+
+Shaped like procrastinate's connector: a handful of async methods, each one transaction, so a
+SQLite store (the default, `sqlite.py`) and a PostgreSQL store pass one shared test-suite
+(`tests/unit/jobs/test_store.py`, parametrized on the store).
+
+Rules every implementation keeps:
+
+- **Durable on return.** When an awaited write returns, it is committed and survives a crash of
+  the process or the machine (SQLite: WAL + synchronous=FULL). Implementations batch concurrent
+  writes into one transaction (group commit) so durability does not cost throughput.
+- **The store knows no transitions.** Which state may follow which is the job core's business
+  (`services/jobs/core.py`); `update()` is a compare-and-set on the state, so two writers (or a
+  stale task) can never move a job backwards.
+- **Times are wall-clock seconds** (`time.time()`), chosen by the caller, so tests control them.
+- **Never touch what is not ours.** Opening a file that is corrupt, foreign or of a newer schema
+  raises `StoreCorrupt` without writing a byte to it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "ACTIVE",
+    "FAILED",
+    "STATES",
+    "TERMINAL",
+    "Chunk",
+    "Job",
+    "JobStore",
+    "NewJob",
+    "PurgeCounts",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreFull",
+    "SubmitOutcome",
+    "Tombstone",
+]
+
+ACTIVE = frozenset({"queued", "running"})
+"""States of a job that has not ended."""
+TERMINAL = frozenset(
+    {"ok", "failed", "timeout", "error", "invalid", "rejected", "cancelled", "lost"}
+)
+"""States of a job that has ended; a terminal job never changes state again."""
+FAILED = TERMINAL - {"ok"}
+"""Terminal states kept for `--keep-failed` rather than `--keep`."""
+STATES = ACTIVE | TERMINAL
+
+Kind = Literal["command", "frames"]
+"""`command`: the request is one msgpack map of `spec/command-service.md`; `frames`: opaque
+body frames (RFC 9 requests), passed through untouched."""
+
+UPDATABLE = frozenset(
+    {
+        "state",
+        "claimed",
+        "started",
+        "worker",
+        "finished",
+        "result",
+        "exit_code",
+        "message",
+        "cancel_requested",
+    }
+)
+"""The fields `JobStore.update()` may change."""
+
+
+class StoreError(Exception):
+    """The store failed; the operation did not happen (nothing was committed)."""
+
+
+class StoreFull(StoreError):
+    """The disk (or the database's size limit) is full: writes fail, stored jobs are kept."""
+
+
+class StoreCorrupt(StoreError):
+    """The database is corrupt, not ours, or of a newer schema; it was left untouched."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job as submitted: who runs it (`service`) and what is sent (`request`)."""
+
+    id: str
+    kind: Kind
+    service: str
+    request: list[bytes]
+    """Body frames as they will be sent (for `command`: one msgpack map, request_id = id)."""
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A stored job."""
+
+    id: str
+    seq: int
+    """Order of submission (unique, increasing): the queue order and the listing cursor."""
+    kind: Kind
+    service: str
+    request: list[bytes]
+    state: str
+    created: float
+    attempts: int = 0
+    """How many times a dispatch was claimed (sent, or about to be)."""
+    claimed: float | None = None
+    """When a dispatcher claimed the job (still `queued`); None when nobody holds it."""
+    started: float | None = None
+    worker: dict[str, Any] | None = None
+    """The worker that said `started` (`{"host", "pid", "id", ...}`)."""
+    finished: float | None = None
+    result: list[bytes] | None = None
+    """The FINAL body frames; None before the end, for jobs that ended without one, and after
+    retention removed the output."""
+    exit_code: int | None = None
+    message: str | None = None
+    cancel_requested: bool = False
+    output_chunks: int = 0
+    output_bytes: int = 0
+    output_truncated: bool = False
+    """Some output chunks were not stored: the per-job cap was reached."""
+    output_purged: bool = False
+    """Retention removed the stored output and the FINAL body (the record remains)."""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What remains of a job whose record was purged (or closed): enough to say `expired`."""
+
+    id: str
+    state: str
+    """The state the job had when its record went."""
+    finished: float | None
+    purged: float
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One stored piece of output, numbered from 0 per job."""
+
+    n: int
+    stream: str
+    """`stdout` or `stderr`."""
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    """What `JobStore.submit()` did.
+
+    `created`: the job is new. `existing`: a job with this id and the same service and request
+    exists (idempotent submit; `job` is it). `conflict`: the id names a different job.
+    `expired`: the id belonged to a job that retention purged; it cannot be reused.
+    """
+
+    outcome: Literal["created", "existing", "conflict", "expired"]
+    job: Job | None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeCounts:
+    """What one `JobStore.purge()` batch removed."""
+
+    outputs: int = 0
+    records: int = 0
+    tombstones: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.outputs + self.records + self.tombstones
+
+
+class JobStore(abc.ABC):
+    """The async interface of a job store. Every method is one transaction."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Open (creating or migrating the schema). Raises StoreCorrupt, untouched, for a
+        corrupt, foreign or newer database."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes and release the database. Idempotent."""
+
+    # --- writes --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def submit(self, job: NewJob) -> SubmitOutcome:
+        """Store a new `queued` job, idempotently on its id (see SubmitOutcome)."""
+
+    @abc.abstractmethod
+    async def claim(self, service: str, limit: int, now: float) -> list[Job]:
+        """Take up to `limit` of the oldest unclaimed `queued` jobs of `service`, in order:
+        mark them claimed at `now` and count an attempt. The caller dispatches them."""
+
+    @abc.abstractmethod
+    async def release_claims(self) -> int:
+        """Forget every claim (at start-up of the only manager): those jobs get dispatched
+        again. Returns how many were released."""
+
+    @abc.abstractmethod
+    async def update(self, job_id: str, expect: Collection[str], **changes: Any) -> Job | None:
+        """Change fields of a job whose state is in `expect` (compare-and-set); the job after
+        the change, or None if it does not exist or is in another state. Fields: UPDATABLE."""
+
+    @abc.abstractmethod
+    async def append_output(
+        self, job_id: str, chunks: Sequence[tuple[str, bytes]], cap: int
+    ) -> Job | None:
+        """Store output chunks `(stream, data)` numbered after the existing ones, while the
+        job's stored output stays within `cap` bytes; chunks beyond it are dropped and the job
+        marked `output_truncated`. None if the job does not exist."""
+
+    @abc.abstractmethod
+    async def delete(self, job_id: str, now: float) -> bool:
+        """Remove a terminal job's record and output, leaving a tombstone. False when there is
+        no such terminal job."""
+
+    @abc.abstractmethod
+    async def purge(
+        self,
+        *,
+        output_before: float,
+        output_failed_before: float,
+        record_before: float,
+        record_failed_before: float,
+        tombstone_before: float,
+        now: float,
+        batch: int,
+    ) -> PurgeCounts:
+        """One bounded retention step: remove the output (chunks and FINAL) of at most `batch`
+        terminal jobs finished before `output_before` (`ok`) / `output_failed_before` (other
+        terminal states), the records (leaving tombstones) of at most `batch` finished before
+        `record_before` / `record_failed_before`, and at most `batch` tombstones purged before
+        `tombstone_before`. Never touches a queued or running job."""
+
+    # --- reads ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Job | Tombstone | None:
+        """The job, its tombstone if it was purged, or None if the id was never stored."""
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self,
+        *,
+        states: Collection[str] | None = None,
+        service: str | None = None,
+        since: float | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Jobs newest first (by seq): in `states`, of `service`, created at or after `since`,
+        with seq below `before` (the cursor for the next page); at most `limit`."""
+
+    @abc.abstractmethod
+    async def queued_services(self) -> list[str]:
+        """The services that have unclaimed `queued` jobs."""
+
+    @abc.abstractmethod
+    async def output(self, job_id: str, start: int = 0, limit: int = 256) -> list[Chunk]:
+        """Stored chunks numbered `start` and later, at most `limit`, in order."""
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (states with none are left out)."""

@@ -1,0 +1,276 @@
+"""The job store contract (`services/jobs/store/base.py`), run against every implementation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.jobs.store import Chunk, Job, JobStore, NewJob, Tombstone
+from tests.unit.jobs.conftest import StoreFactory
+
+pytestmark = pytest.mark.timeout(30)
+
+T0 = 1_700_000_000.0
+DAY = 86_400.0
+
+
+def new(job_id: str, service: str = "shell", body: bytes = b"x", created: float = T0) -> NewJob:
+    return NewJob(id=job_id, kind="command", service=service, request=[body], created=created)
+
+
+async def finish(store: JobStore, job_id: str, state: str, at: float) -> Job:
+    job = await store.update(job_id, {"queued", "running"}, state=state, finished=at)
+    assert job is not None
+    return job
+
+
+async def test_submit_stores_a_queued_job(store: JobStore) -> None:
+    outcome = await store.submit(new("a", body=b"\x81\xa1k\xa1v"))
+    assert outcome.outcome == "created"
+    job = await store.get("a")
+    assert isinstance(job, Job)
+    assert (job.id, job.kind, job.service, job.request, job.state, job.created) == (
+        "a",
+        "command",
+        "shell",
+        [b"\x81\xa1k\xa1v"],
+        "queued",
+        T0,
+    )
+    assert outcome.job is not None and job.seq == outcome.job.seq
+
+
+async def test_never_stored_id_is_none(store: JobStore) -> None:
+    assert await store.get("nope") is None
+
+
+async def test_same_id_same_request_is_one_job(store: JobStore) -> None:
+    first = await store.submit(new("a"))
+    second = await store.submit(new("a", created=T0 + 5))
+    assert second.outcome == "existing"
+    assert second.job is not None and first.job is not None
+    assert second.job.seq == first.job.seq
+    assert len(await store.list_jobs()) == 1
+
+
+async def test_same_id_other_request_is_a_conflict(store: JobStore) -> None:
+    await store.submit(new("a", body=b"one"))
+    outcome = await store.submit(new("a", body=b"two"))
+    assert outcome.outcome == "conflict"
+    job = await store.get("a")
+    assert isinstance(job, Job) and job.request == [b"one"]
+
+
+async def test_submit_is_durable_across_reopen(store_factory: StoreFactory) -> None:
+    first = await store_factory()
+    await first.submit(new("a"))
+    await first.close()
+    second = await store_factory()
+    job = await second.get("a")
+    assert isinstance(job, Job) and job.state == "queued"
+
+
+async def test_concurrent_submits_all_stored(store: JobStore) -> None:
+    outcomes = await asyncio.gather(*(store.submit(new(f"j{i}")) for i in range(300)))
+    assert all(o.outcome == "created" for o in outcomes)
+    assert len({o.job.seq for o in outcomes if o.job}) == 300
+    assert (await store.counts()) == {"queued": 300}
+
+
+async def test_claim_takes_oldest_unclaimed_of_one_service(store: JobStore) -> None:
+    for i in range(5):
+        await store.submit(new(f"s{i}", service="shell"))
+        await store.submit(new(f"o{i}", service="os"))
+    first = await store.claim("shell", 3, T0 + 1)
+    assert [j.id for j in first] == ["s0", "s1", "s2"]
+    assert all(j.claimed == T0 + 1 and j.attempts == 1 and j.state == "queued" for j in first)
+    second = await store.claim("shell", 10, T0 + 2)
+    assert [j.id for j in second] == ["s3", "s4"]
+    assert await store.claim("shell", 10, T0 + 3) == []
+
+
+async def test_release_claims_makes_jobs_claimable_again(store: JobStore) -> None:
+    await store.submit(new("a"))
+    await store.claim("shell", 1, T0)
+    assert await store.queued_services() == []
+    assert await store.release_claims() == 1
+    assert await store.queued_services() == ["shell"]
+    again = await store.claim("shell", 1, T0 + 1)
+    assert [j.attempts for j in again] == [2]
+
+
+async def test_queued_services_lists_each_service_once(store: JobStore) -> None:
+    for i in range(3):
+        await store.submit(new(f"s{i}", service="shell"))
+    await store.submit(new("e", service="echo"))
+    await store.submit(new("o", service="os"))
+    await finish(store, "o", "cancelled", T0)
+    assert await store.queued_services() == ["echo", "shell"]
+
+
+async def test_update_is_compare_and_set_on_state(store: JobStore) -> None:
+    await store.submit(new("a"))
+    running = await store.update(
+        "a", {"queued"}, state="running", started=T0 + 1, worker={"host": "h", "pid": 1}
+    )
+    assert running is not None and running.state == "running"
+    assert running.worker == {"host": "h", "pid": 1}
+    assert await store.update("a", {"queued"}, state="cancelled") is None
+    done = await store.update(
+        "a", {"running"}, state="ok", finished=T0 + 2, result=[b"r"], exit_code=0
+    )
+    assert done is not None and done.terminal and done.result == [b"r"] and done.exit_code == 0
+    assert await store.update("missing", {"queued"}, state="ok") is None
+
+
+async def test_update_refuses_unknown_fields(store: JobStore) -> None:
+    await store.submit(new("a"))
+    with pytest.raises(ValueError):
+        await store.update("a", {"queued"}, id="b")
+
+
+async def test_output_is_numbered_in_order_and_read_from_any_chunk(store: JobStore) -> None:
+    await store.submit(new("a"))
+    await store.append_output("a", [("stdout", b"one"), ("stderr", b"two")], cap=1000)
+    job = await store.append_output("a", [("stdout", b"three")], cap=1000)
+    assert job is not None and (job.output_chunks, job.output_bytes) == (3, 11)
+    assert await store.output("a") == [
+        Chunk(0, "stdout", b"one"),
+        Chunk(1, "stderr", b"two"),
+        Chunk(2, "stdout", b"three"),
+    ]
+    assert [c.n for c in await store.output("a", start=1, limit=1)] == [1]
+    assert await store.output("a", start=3) == []
+
+
+async def test_output_beyond_the_cap_is_dropped_and_marked(store: JobStore) -> None:
+    await store.submit(new("a"))
+    job = await store.append_output("a", [("stdout", b"12345"), ("stdout", b"678")], cap=6)
+    assert job is not None and job.output_truncated and job.output_bytes == 5
+    job = await store.append_output("a", [("stdout", b"9")], cap=6)
+    assert job is not None and job.output_chunks == 1  # nothing after a dropped chunk
+    assert [c.data for c in await store.output("a")] == [b"12345"]
+
+
+async def test_append_output_to_unknown_job_is_none(store: JobStore) -> None:
+    assert await store.append_output("nope", [("stdout", b"x")], cap=10) is None
+
+
+async def test_delete_leaves_a_tombstone_and_the_id_cannot_be_reused(store: JobStore) -> None:
+    await store.submit(new("a"))
+    assert not await store.delete("a", T0)  # still queued: never removed
+    await store.append_output("a", [("stdout", b"x")], cap=10)
+    await finish(store, "a", "ok", T0 + 1)
+    assert await store.delete("a", T0 + 2)
+    stone = await store.get("a")
+    assert stone == Tombstone("a", "ok", T0 + 1, T0 + 2)
+    assert await store.output("a") == []
+    assert (await store.submit(new("a"))).outcome == "expired"
+
+
+async def test_list_filters_and_pages_newest_first(store: JobStore) -> None:
+    for i in range(6):
+        await store.submit(new(f"j{i}", service="os" if i % 2 else "shell", created=T0 + i))
+    await finish(store, "j0", "failed", T0 + 10)
+    assert [j.id for j in await store.list_jobs()] == ["j5", "j4", "j3", "j2", "j1", "j0"]
+    assert [j.id for j in await store.list_jobs(service="os")] == ["j5", "j3", "j1"]
+    assert [j.id for j in await store.list_jobs(states={"failed"})] == ["j0"]
+    assert [j.id for j in await store.list_jobs(since=T0 + 4)] == ["j5", "j4"]
+    page = await store.list_jobs(limit=2)
+    rest = await store.list_jobs(before=page[-1].seq, limit=10)
+    assert [j.id for j in page + rest] == ["j5", "j4", "j3", "j2", "j1", "j0"]
+    assert await store.list_jobs(states=set()) == []
+
+
+async def test_purge_removes_output_first_then_the_record(store: JobStore) -> None:
+    await store.submit(new("old"))
+    await store.append_output("old", [("stdout", b"x")], cap=10)
+    await store.update("old", {"queued"}, state="ok", finished=T0, result=[b"final"])
+    await store.submit(new("young"))
+    await finish(store, "young", "ok", T0 + 5 * DAY)
+    counts = await store.purge(
+        output_before=T0 + DAY,
+        output_failed_before=T0 + DAY,
+        record_before=T0 - DAY,
+        record_failed_before=T0 - DAY,
+        tombstone_before=T0 - DAY,
+        now=T0 + 2 * DAY,
+        batch=100,
+    )
+    assert (counts.outputs, counts.records) == (1, 0)
+    old = await store.get("old")
+    assert isinstance(old, Job) and old.output_purged and old.result is None
+    assert old.state == "ok" and await store.output("old") == []
+    young = await store.get("young")
+    assert isinstance(young, Job) and not young.output_purged
+    counts = await store.purge(
+        output_before=T0 + DAY,
+        output_failed_before=T0 + DAY,
+        record_before=T0 + DAY,
+        record_failed_before=T0 + DAY,
+        tombstone_before=T0 - DAY,
+        now=T0 + 3 * DAY,
+        batch=100,
+    )
+    assert counts.records == 1
+    assert isinstance(await store.get("old"), Tombstone)
+    assert isinstance(await store.get("young"), Job)
+
+
+async def test_purge_keeps_failures_longer_and_never_touches_active_jobs(store: JobStore) -> None:
+    await store.submit(new("ok", created=T0))
+    await finish(store, "ok", "ok", T0)
+    await store.submit(new("bad", created=T0))
+    await finish(store, "bad", "failed", T0)
+    await store.submit(new("queued", created=T0 - 100 * DAY))
+    await store.submit(new("running", created=T0 - 100 * DAY))
+    await store.update("running", {"queued"}, state="running", started=T0 - 100 * DAY)
+    counts = await store.purge(
+        output_before=T0 + DAY,
+        output_failed_before=T0 - DAY,
+        record_before=T0 + DAY,
+        record_failed_before=T0 - DAY,
+        tombstone_before=T0 - DAY,
+        now=T0 + 2 * DAY,
+        batch=100,
+    )
+    assert counts.records == 1
+    assert isinstance(await store.get("ok"), Tombstone)
+    assert isinstance(await store.get("bad"), Job)
+    assert {j.id for j in await store.list_jobs(states={"queued", "running"})} == {
+        "queued",
+        "running",
+    }
+
+
+async def test_purge_is_bounded_by_batch(store: JobStore) -> None:
+    for i in range(7):
+        await store.submit(new(f"j{i}"))
+        await finish(store, f"j{i}", "ok", T0 + i)
+    limits = {
+        "output_before": T0 + DAY,
+        "output_failed_before": T0 + DAY,
+        "record_before": T0 + DAY,
+        "record_failed_before": T0 + DAY,
+        "tombstone_before": T0 - DAY,
+    }
+    first = await store.purge(**limits, now=T0 + DAY, batch=3)
+    assert first.records == 3
+    remaining = {j.id for j in await store.list_jobs()}
+    assert remaining == {"j3", "j4", "j5", "j6"}  # oldest finished go first
+    while (await store.purge(**limits, now=T0 + DAY, batch=3)).total:
+        pass
+    assert await store.list_jobs() == []
+    stones = await store.purge(**{**limits, "tombstone_before": T0 + 2 * DAY}, now=T0, batch=5)
+    assert stones.tombstones == 5
+    left = [await store.get(f"j{i}") for i in range(7)]
+    assert sum(isinstance(x, Tombstone) for x in left) == 2
+    assert sum(x is None for x in left) == 5
+
+
+async def test_counts_by_state(store: JobStore) -> None:
+    for i in range(3):
+        await store.submit(new(f"j{i}"))
+    await finish(store, "j0", "ok", T0)
+    assert await store.counts() == {"queued": 2, "ok": 1}
