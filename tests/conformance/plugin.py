@@ -84,6 +84,3 @@ def pytest_configure(config: pytest.Config) -> None:
         "bridging: a 0.1 peer talks to a 0.2 peer through the broker (needs --mdp-version "
         "both); the RFCs do not define it.",
     )
-    config.addinivalue_line(
-        "markers", "mdp_versions(*versions): run the test only for these protocol versions."
-    )

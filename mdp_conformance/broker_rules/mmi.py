@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from tests.conformance.harness import REPLY_TIMEOUT, Client, Harness, unique
-from tests.conformance.wire import show
+from mdp_conformance.harness import REPLY_TIMEOUT, Client, Harness, unique
+from mdp_conformance.rules import rule
+from mdp_conformance.wire import show
 
 
 def mmi(client: Client, service: bytes, *body: bytes) -> bytes:
@@ -18,7 +19,8 @@ def mmi(client: Client, service: bytes, *body: bytes) -> bytes:
     return final.body[0]
 
 
-def test_mmi_service_answers_200_for_a_registered_service(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 8 Default services")
+def mmi_service_answers_200_for_a_registered_service(peers: Harness, version: str) -> None:
     """RFC 8, Default services: mmi.service answers "200" when at least one worker is
     registered for the service named in the request body; the reply carries the service
     frame "mmi.service". The READY travels on another connection than the query, so "404"
@@ -33,14 +35,16 @@ def test_mmi_service_answers_200_for_a_registered_service(peers: Harness, versio
         peers.pump(peers.tick_s)
 
 
-def test_mmi_service_answers_404_for_an_unknown_service(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 8 Default services")
+def mmi_service_answers_404_for_an_unknown_service(peers: Harness, version: str) -> None:
     """RFC 8, Default services: mmi.service answers "404" when no worker is registered for
     the service; the reply carries the service frame "mmi.service"."""
     client = peers.client(version)
     assert mmi(client, b"mmi.service", unique("absent")) == b"404"
 
 
-def test_unimplemented_mmi_service_answers_501(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 8 Default services")
+def unimplemented_mmi_service_answers_501(peers: Harness, version: str) -> None:
     """RFC 8, Default services: any unimplemented service in the mmi. namespace results in
     "501"; the reply carries the service frame ("mmi.foo")."""
     client = peers.client(version)

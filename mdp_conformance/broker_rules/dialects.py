@@ -12,10 +12,9 @@ majortomo and the C libmdp can use it. Deselect them against another broker with
 
 from __future__ import annotations
 
-import pytest
-
-from tests.conformance.harness import Harness, unique
-from tests.conformance.wire import (
+from mdp_conformance.harness import Harness, unique
+from mdp_conformance.rules import EXT, rule
+from mdp_conformance.wire import (
     C02_FINAL,
     C02_PARTIAL,
     C02_REQUEST,
@@ -27,8 +26,6 @@ from tests.conformance.wire import (
     WorkerDialect,
 )
 
-pytestmark = [pytest.mark.dialects, pytest.mark.mdp_versions("0.2")]
-
 RFC18_ENVELOPE_CLIENT = ClientDialect(
     "rfc18+envelope", "0.2", True, C02_REQUEST, C02_PARTIAL, C02_FINAL
 )
@@ -38,7 +35,8 @@ MAJORTOMO_CLIENT = ClientDialect(
 RFC18_ENVELOPE_WORKER = WorkerDialect("rfc18+envelope", "0.2", True)
 
 
-def test_rfc18_client_with_a_leading_empty_frame_gets_replies_with_it(
+@rule("broker", "none (dialect)", level=EXT, versions=("0.2",))
+def rfc18_client_with_a_leading_empty_frame_gets_replies_with_it(
     peers: Harness, version: str
 ) -> None:
     """Variant: a 0.2 client that keeps RFC 7's empty frame 0 ("" MDPC02 0x01 service body)
@@ -57,7 +55,8 @@ def test_rfc18_client_with_a_leading_empty_frame_gets_replies_with_it(
     assert client.recv().frames == [EMPTY, header, C02_FINAL, service, b"f"]
 
 
-def test_majortomo_client_gets_partial_3_and_final_4_without_service_frame(
+@rule("broker", "none (dialect)", level=EXT, versions=("0.2",))
+def majortomo_client_gets_partial_3_and_final_4_without_service_frame(
     peers: Harness, version: str
 ) -> None:
     """Variant: majortomo's client sends REQUEST as 0x02 ("" MDPC02 0x02 service body; an
@@ -76,9 +75,8 @@ def test_majortomo_client_gets_partial_3_and_final_4_without_service_frame(
     assert client.recv().frames == [EMPTY, header, b"\x04", b"f1", b"f2"]
 
 
-def test_rfc18_worker_with_a_leading_empty_frame_is_served_with_it(
-    peers: Harness, version: str
-) -> None:
+@rule("broker", "none (dialect)", level=EXT, versions=("0.2",))
+def rfc18_worker_with_a_leading_empty_frame_is_served_with_it(peers: Harness, version: str) -> None:
     """Variant: a 0.2 worker that keeps RFC 7's empty frame 0 ("" MDPW02 0x01 service, as
     majortomo's and the C libmdp's workers do) is registered, gets REQUEST as
     "" MDPW02 0x02 address "" body and HEARTBEAT as "" MDPW02 0x05, and its PARTIAL/FINAL

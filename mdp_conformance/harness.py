@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from tests.conformance.wire import (
+from mdp_conformance.wire import (
     CLIENT_DIALECTS,
     FINAL_COMMAND,
     WORKER_DIALECTS,

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import secrets
 
-from tests.conformance.harness import Client, Harness, Worker, unique
-from tests.conformance.wire import show
+from mdp_conformance.harness import Client, Harness, Worker, unique
+from mdp_conformance.rules import rule
+from mdp_conformance.wire import REPLY_COMMANDS, show
+
+
+def reply_variants(version: str) -> list[dict[str, str]]:
+    """One case per command a worker of `version` replies with (REPLY; PARTIAL and FINAL)."""
+    return [{"reply_command": command} for command in REPLY_COMMANDS[version]]
 
 
 def waiting_client(peers: Harness, version: str) -> Client:
@@ -41,7 +47,8 @@ def assert_not_forwarded(client: Client, spoofed: bytes) -> None:
     assert not bad, f"client {client.identity!r} got the spoofed reply {show(bad[0].frames)}"
 
 
-def test_second_ready_gets_disconnect(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 Opening and Closing a Connection")
+def second_ready_gets_disconnect(peers: Harness, version: str) -> None:
     """RFC 7/18, Opening and Closing a Connection: the worker MUST NOT send a further READY;
     a second READY is valid but unexpected, so the broker sends DISCONNECT and then nothing.
     A fresh worker for the same service then serves a normal request."""
@@ -53,7 +60,8 @@ def test_second_ready_gets_disconnect(peers: Harness, version: str) -> None:
     assert not rogue.after_disconnect, show(rogue.after_disconnect[0].frames)
 
 
-def test_reply_without_a_request_gets_disconnect(
+@rule("broker", "RFC 7/18 Opening and Closing; Request and Reply", variants=reply_variants)
+def reply_without_a_request_gets_disconnect(
     peers: Harness, version: str, reply_command: str
 ) -> None:
     """RFC 7/18, Request and Reply Processing: a worker replies (RFC 7: REPLY; RFC 18: PARTIAL
@@ -71,7 +79,8 @@ def test_reply_without_a_request_gets_disconnect(
     peers.round_trip(service, version, version)
 
 
-def test_reply_naming_another_client_gets_disconnect(
+@rule("broker", "RFC 7/18 Opening and Closing; Request and Reply", variants=reply_variants)
+def reply_naming_another_client_gets_disconnect(
     peers: Harness, version: str, reply_command: str
 ) -> None:
     """RFC 7/18, Request and Reply Processing: a reply carries the address of the client whose
@@ -96,7 +105,8 @@ def test_reply_naming_another_client_gets_disconnect(
     assert not rogue.after_disconnect, show(rogue.after_disconnect[0].frames)
 
 
-def test_heartbeat_before_ready_gets_disconnect(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 Heartbeating; Opening and Closing")
+def heartbeat_before_ready_gets_disconnect(peers: Harness, version: str) -> None:
     """RFC 7/18, Heartbeating: HEARTBEAT commands are valid after a READY. One from a worker
     that never sent READY is valid but unexpected: DISCONNECT, then nothing."""
     rogue = peers.worker(version)
@@ -105,9 +115,8 @@ def test_heartbeat_before_ready_gets_disconnect(peers: Harness, version: str) ->
     peers.round_trip(unique("after-hb"), version, version)
 
 
-def test_reply_before_ready_gets_disconnect(
-    peers: Harness, version: str, reply_command: str
-) -> None:
+@rule("broker", "RFC 7/18 Opening and Closing; Request and Reply", variants=reply_variants)
+def reply_before_ready_gets_disconnect(peers: Harness, version: str, reply_command: str) -> None:
     """RFC 7/18, MDP/Worker: the dialog starts with READY; a reply from a worker that never
     sent READY is valid but unexpected: DISCONNECT, and the reply is not forwarded to the
     (waiting) client it names."""
@@ -120,7 +129,8 @@ def test_reply_before_ready_gets_disconnect(
     peers.round_trip(unique("after-reply"), version, version)
 
 
-def test_ready_for_an_mmi_service_gets_disconnect(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 8; RFC 7/18 Opening and Closing")
+def ready_for_an_mmi_service_gets_disconnect(peers: Harness, version: str) -> None:
     """RFC 8, Namespace: the broker MUST handle every "mmi." service itself and MUST
     disconnect a worker that registers one. The worker gets DISCONNECT, and a request for
     that name is answered by the broker ("501", not implemented), never forwarded."""

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 
-import pytest
+from mdp_conformance.harness import REPLY_TIMEOUT, Client, Harness, Worker, unique
+from mdp_conformance.rules import SHOULD, Skip, rule
+from mdp_conformance.wire import show
 
-from tests.conformance.harness import REPLY_TIMEOUT, Client, Harness, Worker, unique
-from tests.conformance.wire import show
 
-
-@pytest.mark.recommended
-def test_request_is_queued_until_a_worker_registers(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 Architecture: service queues", level=SHOULD)
+def request_is_queued_until_a_worker_registers(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: the broker SHOULD queue requests for a service no worker has
     registered. The request sits in the broker for the quiet window (the client gets nothing),
     then reaches the first worker that sends READY for the service."""
@@ -26,8 +25,8 @@ def test_request_is_queued_until_a_worker_registers(peers: Harness, version: str
     assert client.recv().body == [b"served-late"]
 
 
-@pytest.mark.recommended
-def test_requests_go_to_the_least_recently_used_worker(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 Goals: LRU", level=SHOULD)
+def requests_go_to_the_least_recently_used_worker(peers: Harness, version: str) -> None:
     """RFC 7/18, Goals and Architecture: the broker MAY deliver requests on any basis and the
     protocol is designed to allow least-recently-used dispatch; this checks LRU. Requests are
     sent one at a time to three idle workers of one service. Once every worker has served one
@@ -65,7 +64,8 @@ def test_requests_go_to_the_least_recently_used_worker(peers: Harness, version: 
         )
 
 
-def test_services_are_isolated(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Client: service name")
+def services_are_isolated(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: the service name matches the one a worker gave in READY; a
     request reaches only a worker of its own service, the reply names that service, and a
     request for a service without workers reaches nobody."""
@@ -90,7 +90,8 @@ def test_services_are_isolated(peers: Harness, version: str) -> None:
     assert not client_c.replies
 
 
-def test_concurrent_clients_get_only_their_own_replies(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 Request and Reply Processing")
+def concurrent_clients_get_only_their_own_replies(peers: Harness, version: str) -> None:
     """RFC 7/18, Request and Reply Processing: the broker routes each reply by the client
     address the worker returns. Fifty clients with a request each in flight at once, served
     by four workers (0.2 workers send a PARTIAL then a FINAL): every client gets exactly its
@@ -131,15 +132,15 @@ def test_concurrent_clients_get_only_their_own_replies(peers: Harness, version: 
         assert done[client.identity] == expected, f"client {i} got {done[client.identity]}"
 
 
-@pytest.mark.recommended
-def test_queued_request_expires_after_the_request_ttl(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Client: request expiry", level=SHOULD)
+def queued_request_expires_after_the_request_ttl(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: the broker SHOULD expire requests for a service with no worker
     after a configurable time. A request older than the broker's TTL (--request-ttl) is not
     delivered to a worker that registers afterwards; a fresh request is. The suite allows one
     heartbeat interval plus 250 ms past the TTL for a broker that expires on a timer tick."""
     ttl = peers.target.request_ttl
     if ttl is None:
-        pytest.skip("the broker's request TTL is unknown (pass --request-ttl)")
+        raise Skip("the broker's request TTL is unknown (pass --request-ttl)")
     service = unique("ttl")
     stale = peers.client(version)
     stale.request(service, b"stale")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
-from tests.conformance.harness import Harness, Peer, unique
-from tests.conformance.wire import (
+from mdp_conformance.harness import Harness, Peer, unique
+from mdp_conformance.rules import rule
+from mdp_conformance.wire import (
     C02_REQUEST,
     CLIENT_HEADER,
     EMPTY,
+    REPLY_COMMANDS,
     WORKER_COMMANDS,
     WORKER_DIALECTS,
     WORKER_HEADER,
@@ -93,7 +93,8 @@ def check_worker_messages_dropped(
 # --- client side
 
 
-def test_client_request_with_a_wrong_header_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Client; Opening and Closing")
+def client_request_with_a_wrong_header_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: frame 1 (RFC 7, after the empty frame 0) / frame 0 (RFC 18) is
     exactly "MDPC01" / "MDPC02". Requests with another header, or (RFC 7) a non-empty frame
     0, are invalid and dropped."""
@@ -113,8 +114,8 @@ def test_client_request_with_a_wrong_header_is_dropped(peers: Harness, version: 
     check_client_messages_dropped(peers, version, service, messages)
 
 
-@pytest.mark.mdp_versions("0.2")
-def test_client_request_with_an_unknown_command_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 18 MDP/Client; Opening and Closing", versions=("0.2",))
+def client_request_with_an_unknown_command_is_dropped(peers: Harness, version: str) -> None:
     """RFC 18, MDP/Client: a client sends only REQUEST (0x01). Unknown command frames (0x00,
     0x07, 0xFF, a two-byte frame) are invalid and dropped. (RFC 7 clients have no command
     frame.)"""
@@ -126,7 +127,8 @@ def test_client_request_with_an_unknown_command_is_dropped(peers: Harness, versi
     check_client_messages_dropped(peers, version, service, messages)
 
 
-def test_client_request_with_missing_frames_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Client; Opening and Closing")
+def client_request_with_missing_frames_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: a REQUEST has 4 or more frames. Shorter ones (a lone empty frame,
     a header alone, a header and command with no service) are invalid and dropped."""
     head = client_head(version)
@@ -134,14 +136,16 @@ def test_client_request_with_missing_frames_is_dropped(peers: Harness, version: 
     check_client_messages_dropped(peers, version, unique("short"), messages)
 
 
-def test_client_request_with_an_empty_service_name_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Client; Opening and Closing")
+def client_request_with_an_empty_service_name_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: the service name is a printable string that matches a worker's
     READY; an empty service frame names no service, so the request is invalid and dropped."""
     messages = [[*client_head(version), EMPTY, b"x"]]
     check_client_messages_dropped(peers, version, unique("noname"), messages)
 
 
-def test_client_request_without_a_body_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Client; Opening and Closing")
+def client_request_without_a_body_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Client: "Frames 3+: Request body" - a REQUEST of 4 or more frames has at
     least one body frame. A REQUEST that stops after the service frame is invalid and is not
     forwarded to the service's worker."""
@@ -152,7 +156,8 @@ def test_client_request_without_a_body_is_dropped(peers: Harness, version: str) 
 # --- worker side
 
 
-def test_worker_command_with_a_wrong_header_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Worker; Opening and Closing")
+def worker_command_with_a_wrong_header_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Worker: every command carries "MDPW01" after an empty frame (RFC 7) or
     "MDPW02" first (RFC 18). A READY with another header (or, for RFC 7, without the empty
     frame or with a non-empty one) is invalid: dropped, nothing registered."""
@@ -170,7 +175,8 @@ def test_worker_command_with_a_wrong_header_is_dropped(peers: Harness, version: 
     check_worker_messages_dropped(peers, version, service, messages)
 
 
-def test_worker_command_with_an_unknown_command_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Worker; Opening and Closing")
+def worker_command_with_an_unknown_command_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Worker: the command bytes are 0x01-0x05 (RFC 7) / 0x01-0x06 (RFC 18).
     Other command frames (0x00, the next unused byte, 0xFF, a two-byte frame) are invalid and
     dropped; a worker sending them with a service frame is not registered."""
@@ -181,7 +187,8 @@ def test_worker_command_with_an_unknown_command_is_dropped(peers: Harness, versi
     check_worker_messages_dropped(peers, version, service, messages)
 
 
-def test_worker_command_with_missing_frames_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Worker; Opening and Closing")
+def worker_command_with_missing_frames_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Worker: READY is 4 (RFC 7) / 3 (RFC 18) frames, ending with the service
     name. A header without a command frame, or a READY without its service frame, is invalid
     and dropped."""
@@ -190,7 +197,8 @@ def test_worker_command_with_missing_frames_is_dropped(peers: Harness, version: 
     check_worker_messages_dropped(peers, version, unique("short"), messages)
 
 
-def test_worker_ready_with_an_empty_service_name_is_dropped(peers: Harness, version: str) -> None:
+@rule("broker", "RFC 7/18 MDP/Worker; Opening and Closing")
+def worker_ready_with_an_empty_service_name_is_dropped(peers: Harness, version: str) -> None:
     """RFC 7/18, MDP/Worker: READY carries the service name (a printable string); an empty
     service frame names no service, so the READY is invalid and dropped."""
     messages = [[*worker_head(version, "READY"), EMPTY]]
@@ -207,8 +215,16 @@ BAD_ENVELOPES: dict[str, Callable[[bytes], list[bytes]]] = {
 }
 
 
-@pytest.mark.parametrize("defect", list(BAD_ENVELOPES))
-def test_worker_reply_with_a_bad_envelope_is_dropped(
+def envelope_variants(version: str) -> list[dict[str, str]]:
+    return [
+        {"reply_command": command, "defect": defect}
+        for command in REPLY_COMMANDS[version]
+        for defect in BAD_ENVELOPES
+    ]
+
+
+@rule("broker", "RFC 7/18 Request and Reply Processing", variants=envelope_variants)
+def worker_reply_with_a_bad_envelope_is_dropped(
     peers: Harness, version: str, reply_command: str, defect: str
 ) -> None:
     """RFC 7/18, Request and Reply Processing: a REPLY / PARTIAL / FINAL carries precisely

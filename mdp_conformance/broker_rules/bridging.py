@@ -7,21 +7,13 @@ that keeps each client's own contract is checked here. Runs only with --mdp-vers
 
 from __future__ import annotations
 
-import pytest
-
-from tests.conformance.harness import Harness, unique
-from tests.conformance.wire import C02_FINAL, CLIENT_HEADER, EMPTY
-
-pytestmark = pytest.mark.bridging
+from mdp_conformance.harness import Harness, unique
+from mdp_conformance.rules import BOTH, EXT, rule
+from mdp_conformance.wire import C02_FINAL, CLIENT_HEADER, EMPTY
 
 
-@pytest.fixture(autouse=True)
-def _both_versions(request: pytest.FixtureRequest) -> None:
-    if request.config.getoption("--mdp-version") != "both":
-        pytest.skip("cross-version tests need --mdp-version both")
-
-
-def test_rfc7_client_gets_only_the_final_of_an_rfc18_worker(peers: Harness) -> None:
+@rule("broker", "none (bridging); RFC 7 MDP/Client", level=EXT, versions=(BOTH,))
+def rfc7_client_gets_only_the_final_of_an_rfc18_worker(peers: Harness) -> None:
     """RFC 7, MDP/Client: a 0.1 client gets exactly one REPLY per REQUEST. Served by a 0.2
     worker that sends PARTIALs then a FINAL, it gets one REPLY ("" MDPC01 service body) whose
     body is the FINAL's, and nothing else (the PARTIALs are dropped)."""
@@ -39,7 +31,8 @@ def test_rfc7_client_gets_only_the_final_of_an_rfc18_worker(peers: Harness) -> N
     client.expect_silence()
 
 
-def test_rfc18_client_gets_the_reply_of_an_rfc7_worker_as_final(peers: Harness) -> None:
+@rule("broker", "none (bridging); RFC 18 MDP/Client", level=EXT, versions=(BOTH,))
+def rfc18_client_gets_the_reply_of_an_rfc7_worker_as_final(peers: Harness) -> None:
     """RFC 18, MDP/Client: a 0.2 client waits for a FINAL. Served by a 0.1 worker, the
     worker's REPLY reaches it as FINAL (MDPC02 0x03 service body), and nothing else."""
     service = unique("bridge")
