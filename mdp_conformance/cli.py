@@ -14,7 +14,7 @@ from rich.console import Console
 
 from mdp_conformance import __version__, report
 from mdp_conformance.process import StartError
-from mdp_conformance.rules import VERSIONS, Case, cases_of
+from mdp_conformance.rules import BOTH, VERSIONS, Case, cases_of
 from mdp_conformance.runner import Outcome, Subject, run
 
 EXIT_PASS = 0
@@ -72,8 +72,10 @@ def common(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def select(target: str, patterns: Sequence[str]) -> list[Case]:
-    cases = cases_of(target)
+def select(target: str, versions: Sequence[str], patterns: Sequence[str]) -> list[Case]:
+    """The cases of the chosen versions (a rule needing both versions stays, and is skipped
+    with its reason when only one is chosen) whose id or rule name matches a pattern."""
+    cases = [c for c in cases_of(target) if c.version in versions or c.version == BOTH]
     if not patterns:
         return cases
 
@@ -88,6 +90,7 @@ def select(target: str, patterns: Sequence[str]) -> list[Case]:
 
 def execute(
     target: str,
+    versions: Sequence[str],
     make_subject: Callable[[], Subject],
     describe: Callable[[Subject], str],
     patterns: Sequence[str],
@@ -96,7 +99,7 @@ def execute(
     json_path: Path | None,
 ) -> None:
     """Run the selected cases of `target` and exit with the verdict."""
-    cases = select(target, patterns)
+    cases = select(target, versions, patterns)
     if not cases:
         raise click.UsageError(f"no {target} rule matches {' '.join(patterns)}")
     to_stderr = json_path == Path("-")
@@ -228,6 +231,7 @@ def broker(
 
     execute(
         "broker",
+        _versions(mdp_version),
         lambda: BrokerSubject(settings),
         describe,
         patterns,
@@ -303,6 +307,7 @@ def worker(
 
     execute(
         "worker",
+        _versions(mdp_version),
         lambda: WorkerSubject(settings),
         describe,
         patterns,
@@ -367,6 +372,7 @@ def client(
 
     execute(
         "client",
+        _versions(mdp_version),
         lambda: ClientSubject(settings),
         describe,
         patterns,
