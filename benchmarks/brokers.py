@@ -1,8 +1,14 @@
 """The brokers under test: start one as a separate process, read its CPU and memory, stop it.
 
-Both brokers run as `python -m ...` children of the benchmark, bound to a free loopback port,
-with per-message logging off: ours with `--log-level WARNING`, majortomo with a logging config
-at WARNING (its default is INFO, which formats and writes a line for every PARTIAL and FINAL).
+Our broker and majortomo's run as `python -m ...` children of the benchmark, bound to a free
+loopback port, with per-message logging off: ours with `--log-level WARNING`, majortomo with a
+logging config at WARNING (its default is INFO, which formats and writes a line for every
+PARTIAL and FINAL). Two more processes stand in the broker's place for comparison:
+- "c": the zguide's C MDP/0.1 broker (`mdbroker.c`), when a path to a built binary is given
+  (`c_broker=`); it is started as `PATH ENDPOINT` and logs nothing per message without `-v`.
+- "proxy": the transport ceiling, `benchmarks.proxy`: `zmq.proxy` between a ROUTER for the
+  clients and a DEALER for the workers, so the same peers' bytes move with no MDP at all
+  (libzmq's own C loop after setup). It has a second endpoint, `worker_endpoint`.
 Ours can also run with CURVE (`security="curve"`): a fresh broker, client and worker key pair
 and the two allow-lists are made in the broker's temporary directory (`CurveKeys`), and the
 peers get `mdp.security.curve_client_options` for their sockets. `security="curve-info"` is
@@ -36,9 +42,16 @@ from mdp.security import (
     write_public_key,
 )
 
-BrokerKind = Literal["ours", "majortomo"]
+BrokerKind = Literal["ours", "majortomo", "c", "proxy"]
 BROKERS: Final[tuple[BrokerKind, ...]] = ("ours", "majortomo")
-LABELS: Final[dict[str, str]] = {"ours": "ours (mdp)", "majortomo": "majortomo 0.2.0"}
+"""The two brokers every scenario compares; "c" and "proxy" are compared with ours apart."""
+ALL_KINDS: Final[tuple[BrokerKind, ...]] = ("ours", "majortomo", "c", "proxy")
+LABELS: Final[dict[str, str]] = {
+    "ours": "ours (mdp)",
+    "majortomo": "majortomo 0.2.0",
+    "c": "zguide mdbroker.c",
+    "proxy": "zmq.proxy (transport ceiling)",
+}
 
 Security = Literal["plain", "curve", "curve-info"]
 """How our broker is secured: "plain" (no CURVE), "curve" (CURVE, --log-level WARNING like
@@ -137,6 +150,12 @@ class BrokerProcess:
     security: Security = "plain"
     curve: CurveKeys | None = None
     """The key files when `security` is not "plain"; the peers must use them."""
+    worker_endpoint: str = ""
+    """Where workers connect, when not `endpoint` (the proxy's DEALER side)."""
+
+    def __post_init__(self) -> None:
+        if not self.worker_endpoint:
+            self.worker_endpoint = self.endpoint
 
     @property
     def pid(self) -> int:
@@ -234,13 +253,22 @@ def broker_command(
     wrapper: list[str] | None = None,
     curve: CurveKeys | None = None,
     log_level: str = "WARNING",
+    c_broker: str | None = None,
+    worker_endpoint: str = "",
 ) -> list[str]:
     """The command line that starts broker `kind` on `endpoint`.
 
     `wrapper` goes between the interpreter and `-m`, e.g. `["-m", "cProfile", "-o", PATH]`.
-    `curve` and `log_level` apply to our broker only.
+    `curve` and `log_level` apply to our broker only; `c_broker` (the binary) to "c";
+    `worker_endpoint` (the DEALER side) to "proxy".
     """
     python = [sys.executable, *(wrapper or [])]
+    if kind == "c":
+        if not c_broker:
+            raise ValueError("the C broker needs the path of a built mdbroker binary")
+        return [c_broker, endpoint]
+    if kind == "proxy":
+        return [*python, "-m", "benchmarks.proxy", endpoint, worker_endpoint]
     if kind == "ours":
         command = [*python, "-m", "mdp.broker", "--bind", endpoint, "--log-level", log_level]
         if max_queue is not None:
@@ -264,6 +292,7 @@ def start_broker(
     wrapper: list[str] | None = None,
     pythonpath: str | None = None,
     security: Security = "plain",
+    c_broker: str | None = None,
 ) -> BrokerProcess:
     """Start broker `kind` on a free loopback port and wait until it accepts connections.
 
@@ -271,6 +300,7 @@ def start_broker(
     `wrapper`: see `broker_command`. `pythonpath` is put first on the broker's PYTHONPATH, to
     measure a patched copy of a package without touching the installed one. `security`: see
     `Security` (our broker only); the key files live in the broker's temporary directory.
+    `c_broker`: the path of the built zguide broker, for kind "c".
     """
     if security != "plain" and kind != "ours":
         raise ValueError(f"{kind} has no CURVE support here; security must be 'plain'")
@@ -281,6 +311,7 @@ def start_broker(
     curve = CurveKeys.generate(Path(workdir.name)) if security != "plain" else None
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
+    worker_endpoint = f"tcp://127.0.0.1:{free_port()}" if kind == "proxy" else endpoint
     command = broker_command(
         kind,
         endpoint,
@@ -290,6 +321,8 @@ def start_broker(
         wrapper=wrapper,
         curve=curve,
         log_level="INFO" if security == "curve-info" else "WARNING",
+        c_broker=c_broker,
+        worker_endpoint=worker_endpoint,
     )
     env = None
     if pythonpath:
@@ -314,6 +347,7 @@ def start_broker(
         workdir,
         security,
         curve,
+        worker_endpoint,
     )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:

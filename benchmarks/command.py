@@ -2,13 +2,18 @@
 local ceiling of spawning `true` from asyncio, measured in the same run.
 
 - Ceiling (`run_ceiling`): one process runs `asyncio.create_subprocess_exec("true")` with stdin,
-  stdout and stderr as pipes and awaits `communicate()`, 8 at a time, for a request count or a
-  wall-time bound. Commands per second is the most a worker spawning the same way could do.
-- Through the broker (`run_command`): our broker, one `mdp-worker --service os --concurrency 8
-  --log-level warning`, and one client process with 8 DEALER sockets (8 requests in flight),
+  stdout and stderr as pipes and awaits `communicate()`, N at a time (default 8), for a
+  request count or a wall-time bound. Commands per second is the most a worker spawning the
+  same way could do. Its own CPU and its children's (`true`) are read with getrusage.
+- Through the broker (`run_command`): our broker, one `mdp-worker --service os --concurrency N
+  --log-level warning`, and one client process with N DEALER sockets (N requests in flight),
   raw RFC 18 frames, each body the msgpack map `{"command_name": "true", "parameters": []}`
   (services/bodies.py). PARTIALs are skipped; each FINAL must decode to `status: ok`.
-  Commands per second, latency, and the broker's and the worker's CPU per 1,000 commands.
+  Commands per second, latency, and where the CPU goes per 1,000 commands: the broker, the
+  worker's own threads, the `true` processes it ran, and the client.
+
+`python -m benchmarks.probe --command --concurrency 4 --py-spy /tmp/worker.txt` runs one
+measurement and samples the worker with py-spy (collapsed stacks), to see where its time goes.
 
 majortomo's broker is not measured here: `mdp-worker` speaks RFC 18, which it does not.
 """
@@ -17,7 +22,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,12 +84,24 @@ async def _spawn_true(count: int, concurrency: int, deadline: float) -> int:
     return done
 
 
+def _rusage_cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def ceiling_process(count: int, concurrency: int, max_seconds: float, results: Any) -> None:
-    """Spawn `true` `count` times, `concurrency` at a time; report (count, seconds)."""
+    """Spawn `true` `count` times, `concurrency` at a time.
+
+    Reports (count, seconds, own CPU seconds, children's CPU seconds).
+    """
     asyncio.run(_spawn_true(concurrency, concurrency, time.monotonic() + 10))  # warm-up
+    own0 = _rusage_cpu(resource.RUSAGE_SELF)
+    children0 = _rusage_cpu(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     done = asyncio.run(_spawn_true(count, concurrency, t0 + max_seconds))
-    results.put((done, time.monotonic() - t0))
+    elapsed = time.monotonic() - t0
+    own = _rusage_cpu(resource.RUSAGE_SELF) - own0
+    results.put((done, elapsed, own, _rusage_cpu(resource.RUSAGE_CHILDREN) - children0))
 
 
 @dataclass(slots=True)
@@ -91,21 +111,27 @@ class CeilingResult:
     completed: int
     elapsed: float
     rate: float
+    concurrency: int = CONCURRENCY
+    own_cpu_ms_per_1000: float = float("nan")
+    """The spawning process's CPU per 1,000 spawns (getrusage, 1 ms or coarser ticks)."""
+    children_cpu_ms_per_1000: float = float("nan")
+    """The `true` processes' CPU per 1,000 spawns."""
 
 
-def run_ceiling(count: int, max_seconds: float) -> CeilingResult:
+def run_ceiling(count: int, max_seconds: float, concurrency: int = CONCURRENCY) -> CeilingResult:
     """Measure the local ceiling in a fresh child process."""
     ctx = mp_context()
     results = ctx.Queue()
     process = ctx.Process(
-        target=ceiling_process, args=(count, CONCURRENCY, max_seconds, results), name="ceiling"
+        target=ceiling_process, args=(count, concurrency, max_seconds, results), name="ceiling"
     )
     try:
         process.start()
-        done, elapsed = results.get(timeout=max_seconds + 60)
+        done, elapsed, own, children = results.get(timeout=max_seconds + 60)
     finally:
         stop_processes([process])
-    return CeilingResult(done, elapsed, done / elapsed)
+    per = 1e6 / done if done else float("nan")
+    return CeilingResult(done, elapsed, done / elapsed, concurrency, own * per, children * per)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,17 +149,24 @@ class CommandClientResult:
     lost: int = 0
     t_start: float = 0.0
     t_end: float = 0.0
+    cpu_s: float = 0.0
+    """The client process's own CPU over the timed phase."""
     error: str = ""
 
 
 def command_client(
-    endpoint: str, count: int, max_seconds: float, barrier: threading.Barrier, results: Any
+    endpoint: str,
+    count: int,
+    max_seconds: float,
+    barrier: threading.Barrier,
+    results: Any,
+    concurrency: int = CONCURRENCY,
 ) -> None:
-    """8 synchronous DEALER sockets running `true` through the "os" service."""
+    """`concurrency` synchronous DEALER sockets running `true` through the "os" service."""
     dialect = DIALECTS["rfc18"]
     request = (*dialect.client_head, SERVICE, BODY)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    socks = [dealer(context, endpoint, REPLY_TIMEOUT_MS) for _ in range(CONCURRENCY)]
+    socks = [dealer(context, endpoint, REPLY_TIMEOUT_MS) for _ in range(concurrency)]
     result = CommandClientResult()
     latencies = array.array("q")
     clock = time.perf_counter_ns
@@ -144,6 +177,7 @@ def command_client(
             while recv_frames(sock)[dialect.reply_command] != dialect.reply_final:
                 pass
         barrier.wait(timeout=60)
+        cpu0 = _rusage_cpu(resource.RUSAGE_SELF)
         result.t_start = time.monotonic()
         deadline = result.t_start + max_seconds
         sent_at: dict[Any, int] = {}
@@ -173,6 +207,7 @@ def command_client(
                 else:
                     items.remove((sock, POLLIN))
         result.t_end = time.monotonic()
+        result.cpu_s = _rusage_cpu(resource.RUSAGE_SELF) - cpu0
     except (zmq.ZMQError, threading.BrokenBarrierError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -184,7 +219,7 @@ def command_client(
         results.put(result)
 
 
-def worker_command(endpoint: str) -> list[str]:
+def worker_command(endpoint: str, concurrency: int = CONCURRENCY) -> list[str]:
     """The `mdp-worker` command line for the scenario."""
     script = Path(sys.executable).with_name("mdp-worker")
     executable = str(script) if script.exists() else (shutil.which("mdp-worker") or "mdp-worker")
@@ -193,7 +228,7 @@ def worker_command(endpoint: str) -> list[str]:
         "--service",
         "os",
         "--concurrency",
-        str(CONCURRENCY),
+        str(concurrency),
         "--broker",
         endpoint,
         "--log-level",
@@ -216,22 +251,53 @@ class CommandResult:
     max_ms: float
     broker_cpu_ms_per_1000: float
     worker_cpu_ms_per_1000: float
+    """The worker with the `true` processes it ran."""
     errors: list[str] = field(default_factory=list)
+    concurrency: int = CONCURRENCY
+    worker_own_cpu_ms_per_1000: float = float("nan")
+    """The worker process alone (every thread), without its children."""
+    client_cpu_ms_per_1000: float = float("nan")
 
 
-def run_command(broker: BrokerProcess, count: int, max_seconds: float) -> CommandResult:
-    """Start `mdp-worker --service os`, run `count` commands through `broker`, stop it."""
+def run_command(
+    broker: BrokerProcess,
+    count: int,
+    max_seconds: float,
+    concurrency: int = CONCURRENCY,
+    py_spy: str | None = None,
+    pythonpath: str | None = None,
+) -> CommandResult:
+    """Start `mdp-worker --service os`, run `count` commands through `broker`, stop it.
+
+    `py_spy`: sample the worker with py-spy into this file (collapsed stacks). `pythonpath`:
+    put first on the worker's PYTHONPATH (A/B-test a patched copy of mdp/).
+    """
     errors: list[str] = []
+    env = None
+    if pythonpath:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
     with tempfile.TemporaryFile() as stderr_file:
         worker = subprocess.Popen(
-            worker_command(broker.endpoint),
+            worker_command(broker.endpoint, concurrency),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr_file,
+            env=env,
         )
+        spy = _start_py_spy(worker.pid, py_spy) if py_spy else None
         try:
-            result, t0, cpu, worker_cpu = _drive(broker, worker, count, max_seconds, errors)
+            result, t0, cpu, worker_cpu, worker_own = _drive(
+                broker, worker, count, max_seconds, errors, concurrency
+            )
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                try:
+                    spy.wait(30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait(5)
             worker.terminate()
             try:
                 worker.wait(timeout=WORKER_STOP_GRACE)
@@ -247,6 +313,7 @@ def run_command(broker: BrokerProcess, count: int, max_seconds: float) -> Comman
     ordered = sorted(array.array("q", result.latencies_ns))
     elapsed = max(result.t_end - t0, 1e-9)
     n = result.completed
+    per = 1e6 / n if n else float("nan")
     return CommandResult(
         completed=n,
         failed=result.failed,
@@ -257,9 +324,12 @@ def run_command(broker: BrokerProcess, count: int, max_seconds: float) -> Comman
         p50_ms=percentile(ordered, 0.5) / 1e6,
         p99_ms=percentile(ordered, 0.99) / 1e6,
         max_ms=(ordered[-1] if ordered else 0) / 1e6,
-        broker_cpu_ms_per_1000=cpu * 1e6 / n if n else float("nan"),
-        worker_cpu_ms_per_1000=worker_cpu * 1e6 / n if n else float("nan"),
+        broker_cpu_ms_per_1000=cpu * per,
+        worker_cpu_ms_per_1000=worker_cpu * per,
         errors=errors,
+        concurrency=concurrency,
+        worker_own_cpu_ms_per_1000=worker_own * per,
+        client_cpu_ms_per_1000=result.cpu_s * per,
     )
 
 
@@ -269,19 +339,23 @@ def _drive(
     count: int,
     max_seconds: float,
     errors: list[str],
-) -> tuple[CommandClientResult, float, float, float]:
-    """Run the client against a started worker; (result, start time, broker CPU, worker CPU)."""
+    concurrency: int,
+) -> tuple[CommandClientResult, float, float, float, float]:
+    """Run the client against a started worker.
+
+    Returns (result, start time, broker CPU, worker CPU with children, worker CPU alone).
+    """
     ctx = mp_context()
     barrier = ctx.Barrier(2)
     results = ctx.Queue()
     worker_ps = psutil.Process(worker.pid)
     client = ctx.Process(
         target=command_client,
-        args=(broker.endpoint, count, max_seconds, barrier, results),
+        args=(broker.endpoint, count, max_seconds, barrier, results, concurrency),
         name="command-client",
     )
     result = CommandClientResult()
-    cpu = worker_cpu = 0.0
+    cpu = worker_cpu = worker_own = 0.0
     t0 = time.monotonic()
     try:
         client.start()
@@ -289,20 +363,35 @@ def _drive(
             barrier.wait(timeout=60)
         except threading.BrokenBarrierError:
             errors.append("the command client's warm-up did not finish")
-        broker0, worker0 = broker.cpu_seconds(), _cpu_with_children(worker_ps)
+        broker0, (worker0, own0) = broker.cpu_seconds(), _worker_cpu(worker_ps)
         t0 = time.monotonic()
         result = results.get(timeout=max_seconds + REPLY_TIMEOUT_MS / 1000 + 30)
         cpu = broker.cpu_seconds() - broker0
-        worker_cpu = _cpu_with_children(worker_ps) - worker0
+        worker1, own1 = _worker_cpu(worker_ps)
+        worker_cpu, worker_own = worker1 - worker0, own1 - own0
     except Exception as exc:  # queue.Empty: report what we have
         errors.append(f"command scenario incomplete: {type(exc).__name__}")
     finally:
         barrier.abort()
         stop_processes([client])
-    return result, t0, cpu, worker_cpu
+    return result, t0, cpu, worker_cpu, worker_own
 
 
-def _cpu_with_children(process: psutil.Process) -> float:
-    """CPU of a process plus its reaped children (the commands it ran)."""
+def _worker_cpu(process: psutil.Process) -> tuple[float, float]:
+    """(CPU of a process plus its reaped children (the commands it ran), of the process alone)."""
     times = process.cpu_times()
-    return float(times.user + times.system + times.children_user + times.children_system)
+    own = float(times.user + times.system)
+    return own + float(times.children_user + times.children_system), own
+
+
+def _start_py_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
+    spy = subprocess.Popen(
+        [
+            *("py-spy", "record", "--pid", str(pid), "--rate", "500", "--subprocesses"),
+            *("--format", "raw", "--output", path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)  # let it attach before the load starts
+    return spy

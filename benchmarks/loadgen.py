@@ -9,6 +9,13 @@ dialects on the wire (`DIALECTS`):
 - "majortomo": majortomo's variant. Client REQUEST `"" MDPC02 0x02 service body`; replies
   `"" MDPC02 0x04 body` (no service frame). Workers `"" MDPW02 cmd ...` with RFC 18 bytes.
   majortomo's broker speaks only this; ours speaks both.
+- "rfc7": MDP/0.1 (RFC 7), the only dialect of the zguide's C broker; ours speaks it too.
+  Client REQUEST `"" MDPC01 service body`; REPLY `"" MDPC01 service body`. Workers
+  `"" MDPW01 cmd ...` with RFC 7's bytes (REPLY 0x03, HEARTBEAT 0x04, DISCONNECT 0x05).
+- "proxy": no MDP, for the transport ceiling (`benchmarks.proxy`). Clients send the frames of
+  an RFC 18 FINAL (`MDPC02 0x03 service body`); workers never register or heartbeat, and send
+  back every message they receive (routing identity included) unchanged, so the client gets
+  exactly what it sent. Message sizes and frame counts are those of the MDP runs.
 
 Shape of a run (`run_throughput`): W echo worker processes register; N client processes each
 open K DEALER sockets (K = outstanding requests per client; MDP's client dialog is synchronous,
@@ -80,13 +87,24 @@ class Dialect:
     """Index of the first body frame in a reply."""
     worker_head: tuple[bytes, ...]
     """Worker command frames before the command byte."""
+    reply: bytes = FINAL
+    """The worker's FINAL (RFC 7: REPLY) command byte."""
+    heartbeat: bytes = HEARTBEAT
+    disconnect: bytes = DISCONNECT
+    registers: bool = True
+    """False for "proxy": the worker only echoes, with no MDP commands at all."""
 
 
 DIALECTS: Final = {
     "rfc18": Dialect("rfc18", (b"MDPC02", b"\x01"), 1, b"\x03", 3, (b"MDPW02",)),
     "majortomo": Dialect("majortomo", (b"", b"MDPC02", b"\x02"), 2, b"\x04", 3, (b"", b"MDPW02")),
+    # RFC 7 replies carry no command byte: the header frame is what is checked.
+    "rfc7": Dialect(
+        "rfc7", (b"", b"MDPC01"), 1, b"MDPC01", 3, (b"", b"MDPW01"), b"\x03", b"\x04", b"\x05"
+    ),
+    "proxy": Dialect("proxy", (b"MDPC02", b"\x03"), 1, b"\x03", 3, (), registers=False),
 }
-NATIVE_DIALECT: Final = {"ours": "rfc18", "majortomo": "majortomo"}
+NATIVE_DIALECT: Final = {"ours": "rfc18", "majortomo": "majortomo", "c": "rfc7", "proxy": "proxy"}
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: list[bytes] | tuple[bytes, ...]) -> None:
@@ -157,11 +175,14 @@ def echo_worker(
     dialect = DIALECTS[dialect_name]
     head = dialect.worker_head
     at = len(head)
-    final_head = (*head, FINAL)
-    heartbeat = (*head, HEARTBEAT)
+    final_head = (*head, dialect.reply)
+    heartbeat = (*head, dialect.heartbeat)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = dealer(context, endpoint, WORKER_POLL_MS, options)
     stats = WorkerStats()
+    if not dialect.registers:
+        _echo_raw(sock, context, stop, stats, results)
+        return
     try:
         send_frames(sock, (*head, READY, service))
         clock = time.monotonic
@@ -180,9 +201,9 @@ def echo_worker(
                         _send(sock, frame, SNDMORE)
                     send_frames(sock, frames[at + 1 :])
                     stats.handled += 1
-                elif command == HEARTBEAT:
+                elif command == dialect.heartbeat:
                     stats.heartbeats_received += 1
-                elif command == DISCONNECT:
+                elif command == dialect.disconnect:
                     stats.disconnects_received += 1
                     break
             now = clock()
@@ -190,7 +211,31 @@ def echo_worker(
                 send_frames(sock, heartbeat)
                 next_heartbeat = now + HEARTBEAT_INTERVAL
         if not stats.disconnects_received:
-            send_frames(sock, (*head, DISCONNECT))
+            send_frames(sock, (*head, dialect.disconnect))
+    finally:
+        sock.close(linger=100)
+        context.term()
+        results.put(stats)
+
+
+def _echo_raw(
+    sock: Any,
+    context: zmq.Context[zmq.Socket[bytes]],
+    stop: mp.synchronize.Event,
+    stats: WorkerStats,
+    results: Any,
+) -> None:
+    """The "proxy" dialect's worker: send every message back unchanged, until `stop`."""
+    try:
+        while True:
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                if stop.is_set():
+                    break
+            else:
+                send_frames(sock, frames)
+                stats.handled += 1
     finally:
         sock.close(linger=100)
         context.term()
@@ -449,7 +494,7 @@ def run_throughput(broker: BrokerProcess, dialect: str, scenario: Scenario) -> T
     workers = [
         ctx.Process(
             target=echo_worker,
-            args=(broker.endpoint, dialect, stop, worker_results, SERVICE, worker_options),
+            args=(broker.worker_endpoint, dialect, stop, worker_results, SERVICE, worker_options),
             name=f"echo-worker-{i}",
         )
         for i in range(scenario.workers)

@@ -1,14 +1,17 @@
 """`python -m benchmarks.run`: every scenario of issue 5 against our broker and majortomo's,
-and the throughput scenarios also against our broker with CURVE (issue 6).
+the throughput scenarios also against our broker with CURVE (issue 6), against the transport
+ceiling (`zmq.proxy`, issue 17), and, given `--c-broker PATH`, the small-message scenarios
+against the zguide's C broker in MDP/0.1 (issue 17).
 
 Each repetition runs every scenario once per broker, back to back, alternating which broker
 goes first, so drift on a shared machine hits both alike; in the throughput scenarios our
 broker with CURVE runs in the same group, next to ours without. Every run gets a fresh broker
 process. Writes `benchmarks/RESULTS.md`, `benchmarks/ratios.png` and `benchmarks/results.json`.
 
-    python -m benchmarks.run                  # full run, about 7 minutes on 2 cores
-    python -m benchmarks.run --quick          # smoke run, under a minute; not for conclusions
+    python -m benchmarks.run                  # full run, about 9 minutes on 2 cores
+    python -m benchmarks.run --quick          # smoke run, about a minute; not for conclusions
     python -m benchmarks.run --wait-for-quiet 600   # first wait (bounded) for load < 1.0
+    python -m benchmarks.run --c-broker /tmp/mdbroker   # also the zguide's C broker
 
 Progress goes to stderr.
 """
@@ -58,6 +61,10 @@ class Plan:
     curve_info: str
     """Scenario also run against our broker with CURVE at INFO, its default, which writes the
     audit records ("" for none)."""
+    transport: tuple[str, ...]
+    """Scenarios also run through the transport ceiling (`benchmarks.proxy`)."""
+    c_scenarios: tuple[str, ...]
+    """Scenarios run against the C broker and ours, both in MDP/0.1, when --c-broker is given."""
     command_count: int
     command_seconds: float
     idle_workers: int
@@ -65,6 +72,8 @@ class Plan:
     queue_requests: int
     queue_workers: int = 4
     queue_timeout: float = 180.0
+    command_concurrency: tuple[int, ...] = (8,)
+    """Concurrencies of the command scenario; the first is the one the target is about."""
     quick: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -91,8 +100,18 @@ def full_plan(repetitions: int) -> Plan:
             "8x4 x32 64 KiB",
         ),
         curve_info="8x4 sync 64 B",
+        transport=(
+            "1x1 sync 64 B",
+            "8x4 sync 64 B",
+            "8x4 x32 64 B",
+            "1x1 sync 64 KiB",
+            "8x4 sync 64 KiB",
+            "8x4 x32 64 KiB",
+        ),
+        c_scenarios=("1x1 sync 64 B", "8x4 sync 64 B", "8x4 x32 64 B"),
         command_count=1_500,
         command_seconds=6.0,
+        command_concurrency=(8, 1, 4, 16),
         idle_workers=1_000,
         idle_window=10.0,
         queue_requests=100_000,
@@ -114,8 +133,11 @@ def quick_plan() -> Plan:
         variant="",
         curve=("8x4 sync 64 B", "8x4 x32 64 B"),
         curve_info="8x4 sync 64 B",
+        transport=("1x1 sync 64 B", "8x4 x32 64 B"),
+        c_scenarios=("1x1 sync 64 B", "8x4 sync 64 B"),
         command_count=200,
         command_seconds=2.0,
+        command_concurrency=(8, 1),
         idle_workers=200,
         idle_window=2.0,
         queue_requests=10_000,
@@ -191,9 +213,16 @@ def with_broker(
     security: Security = "plain",
     max_queue: int | None = None,
     request_ttl: float | None = None,
+    c_broker: str | None = None,
 ) -> T:
     """Start a fresh broker, measure against it, stop it by PID."""
-    broker = start_broker(kind, security=security, max_queue=max_queue, request_ttl=request_ttl)
+    broker = start_broker(
+        kind,
+        security=security,
+        max_queue=max_queue,
+        request_ttl=request_ttl,
+        c_broker=c_broker,
+    )
     try:
         return measure(broker)
     finally:
@@ -210,9 +239,12 @@ def contenders(plan: Plan, scenario: Scenario, rep: int) -> list[tuple[BrokerKin
 
     majortomo, ours, then ours with CURVE (and at INFO), reversed every other repetition: ours
     without CURVE sits between majortomo and ours with CURVE, so both ratios compare runs
-    taken back to back, and in both pairs which side goes first alternates.
+    taken back to back, and in both pairs which side goes first alternates. The transport
+    ceiling (proxy) goes first, before majortomo, or last.
     """
     group: list[tuple[BrokerKind, Security]] = [("majortomo", "plain"), ("ours", "plain")]
+    if scenario.name in plan.transport:
+        group.insert(0, ("proxy", "plain"))
     if scenario.name in plan.curve:
         group.append(("ours", "curve"))
     if scenario.name == plan.curve_info:
@@ -229,8 +261,11 @@ def _log_run(rep: int, label: str, result: ThroughputResult) -> None:
     )
 
 
-def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
-    """One repetition of every scenario, appended to `data`."""
+def run_repetition(plan: Plan, data: RunData, rep: int, c_broker: str | None = None) -> None:
+    """One repetition of every scenario, appended to `data`.
+
+    `c_broker`: the built zguide broker, run against ours in `plan.c_scenarios` (MDP/0.1).
+    """
     runs = []
     for scenario in plan.scenarios:
         for kind, security in contenders(plan, scenario, rep):
@@ -250,25 +285,40 @@ def run_repetition(plan: Plan, data: RunData, rep: int) -> None:
             f"rep {rep + 1} {scenario.name} ours, majortomo dialect: {result.rps:,.0f} req/s, "
             f"CPU {result.cpu_ms_per_1000:.1f} ms/1k"
         )
+    if c_broker:
+        c_runs = []
+        for name in plan.c_scenarios:
+            scenario = next(s for s in plan.scenarios if s.name == name)
+            kinds: tuple[BrokerKind, ...] = ("c", "ours") if rep % 2 == 0 else ("ours", "c")
+            for kind in kinds:
+                measure = functools.partial(run_throughput, dialect="rfc7", scenario=scenario)
+                result = with_broker(kind, measure, c_broker=c_broker)
+                c_runs.append(result)
+                _log_run(rep, f"{kind} (MDP/0.1)", result)
+        data.c_broker.append(c_runs)
 
-    ceiling_first = rep % 2 == 0
-    for step in (0, 1):
-        if (step == 0) == ceiling_first:
-            ceiling = run_ceiling(plan.command_count, plan.command_seconds)
-            data.ceiling.append(ceiling)
-            log(f"rep {rep + 1} ceiling: {ceiling.rate:,.0f} spawns/s")
-        else:
-            command = with_broker(
-                "ours",
-                functools.partial(
-                    run_command, count=plan.command_count, max_seconds=plan.command_seconds
-                ),
-            )
-            data.command.append(command)
-            log(
-                f"rep {rep + 1} true via broker+os worker: {command.rate:,.0f}/s"
-                + (f"  {command.errors}" if command.errors else "")
-            )
+    for concurrency in plan.command_concurrency:
+        ceiling_first = rep % 2 == 0
+        for step in (0, 1):
+            if (step == 0) == ceiling_first:
+                ceiling = run_ceiling(plan.command_count, plan.command_seconds, concurrency)
+                data.ceiling.append(ceiling)
+                log(f"rep {rep + 1} ceiling at {concurrency}: {ceiling.rate:,.0f} spawns/s")
+            else:
+                command = with_broker(
+                    "ours",
+                    functools.partial(
+                        run_command,
+                        count=plan.command_count,
+                        max_seconds=plan.command_seconds,
+                        concurrency=concurrency,
+                    ),
+                )
+                data.command.append(command)
+                log(
+                    f"rep {rep + 1} true via broker+os worker at {concurrency}: "
+                    f"{command.rate:,.0f}/s" + (f"  {command.errors}" if command.errors else "")
+                )
 
     for kind in order(rep):
         idle = with_broker(
@@ -325,8 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-minutes",
         type=float,
-        default=9.5,
-        help="start no repetition that would end after this (default 9.5)",
+        default=14.0,
+        help="start no repetition that would end after this (default 14)",
+    )
+    parser.add_argument(
+        "--c-broker",
+        metavar="PATH",
+        help="a built zguide MDP/0.1 broker (examples/C/mdbroker.c) that takes its endpoint as "
+        "its argument (`PATH tcp://127.0.0.1:PORT`): the small-message scenarios also run "
+        "against it and against ours, both spoken to in MDP/0.1 (default: skipped). Build notes: "
+        "benchmarks/README.md",
     )
     parser.add_argument(
         "--output-dir",
@@ -342,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         help="measure nothing: rewrite RESULTS.md and ratios.png from a results.json",
     )
     args = parser.parse_args(argv)
+    c_broker: str | None = None
+    if args.c_broker:
+        path = Path(args.c_broker)
+        if not path.is_file() or not os.access(path, os.X_OK):
+            parser.error(f"--c-broker {args.c_broker}: not an executable file")
+        c_broker = str(path.resolve())
     if args.render is not None:
         data = load(json.loads(args.render.read_text()))
         render_dir: Path = args.output_dir or args.render.parent
@@ -371,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         queue_requests=plan.queue_requests,
         command_count=plan.command_count,
         command_line=command_line,
+        c_broker_path=c_broker or "",
     )
     log(f"load average {data.load_start[0]:.2f}; {plan.repetitions} repetition(s)")
     for rep in range(plan.repetitions):
@@ -378,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         if rep and elapsed / rep + elapsed > args.max_minutes * 60:
             log(f"stopping after {rep} repetitions to stay under {args.max_minutes} minutes")
             break
-        run_repetition(plan, data, rep)
+        run_repetition(plan, data, rep, c_broker)
         data.repetitions = rep + 1
     data.duration_s = time.monotonic() - start
     data.load_end = os.getloadavg()
