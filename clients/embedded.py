@@ -3,8 +3,10 @@
 The broker (`mdp.broker.server.BrokerServer`) runs its poll loop in a thread; the workers
 (`mdp.worker.serve` with the command services of `services.registry`) run their own event loop
 in another thread, so the client's loop never delays their heartbeats. They meet on an ipc://
-endpoint in a private temporary directory. Each needed service gets `concurrency` connections
-(the client's --parallel), so no command waits in the broker's queue.
+endpoint: an abstract socket (`ipc://@...`) on Linux, which leaves no file behind whatever ends
+the process, else one in a private temporary directory. Each needed service gets `concurrency`
+connections (the client's --parallel), so no command waits in the broker's queue. A watchdog
+process (`services.watchdog`) ends the running commands if this process dies, SIGKILL included.
 """
 
 from __future__ import annotations
@@ -12,17 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from mdp.broker.server import BrokerServer
 from mdp.client import Client, RequestTimeout
 from mdp.worker import Worker, WorkerOptions, serve
-from services.command import CommandSettings
-from services.registry import BUILTIN, load_services
+from services.command import CommandService, CommandSettings
+from services.registry import BUILTIN, control_services, load_services
+from services.watchdog import Watchdog, reap_leftovers
 
 __all__ = ["EmbeddedError", "EmbeddedSystem", "embedded_system"]
 
@@ -59,15 +64,29 @@ async def embedded_system(
             f"--embedded hosts only the built-in services ({', '.join(BUILTIN)}); "
             f"the file needs {', '.join(map(repr, unknown))}"
         )
-    directory = tempfile.mkdtemp(prefix="mdp-")
-    endpoint = f"ipc://{directory}/broker"
+    directory: str | None = None
+    if sys.platform == "linux":
+        endpoint = f"ipc://@mdp-embedded-{uuid.uuid4().hex}"
+    else:
+        directory = tempfile.mkdtemp(prefix="mdp-")
+        endpoint = f"ipc://{directory}/broker"
     broker = BrokerServer([endpoint])
     system = EmbeddedSystem(endpoint, needed)
     loop: asyncio.AbstractEventLoop | None = None
     thread: threading.Thread | None = None
+    watchdog: Watchdog | None = None
     try:
         broker.start_thread()
         hosted = load_services(needed, CommandSettings())
+        if any(isinstance(s.handler, CommandService) for s in hosted):
+            try:
+                reap_leftovers()
+                watchdog = Watchdog()
+            except (OSError, RuntimeError) as exc:
+                raise EmbeddedError(f"cannot start the watchdog: {exc}") from None
+            for service in hosted:
+                if isinstance(service.handler, CommandService):
+                    service.handler.tracker = watchdog
         loop = asyncio.new_event_loop()
         coroutine = serve(
             hosted,
@@ -75,6 +94,7 @@ async def embedded_system(
             concurrency,
             handle_signals=False,
             started=system.workers.extend,
+            control=control_services(hosted),
         )
         thread = threading.Thread(
             target=loop.run_until_complete, args=(coroutine,), name="mdp-workers", daemon=True
@@ -90,7 +110,10 @@ async def embedded_system(
             if not thread.is_alive():
                 loop.close()
         broker.join(STOP_TIMEOUT)
-        shutil.rmtree(directory, ignore_errors=True)
+        if watchdog is not None:
+            watchdog.close()
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _stop_all(workers: list[Worker]) -> None:

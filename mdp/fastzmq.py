@@ -61,6 +61,36 @@ def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
     return parts
 
 
+class OversizedMessage(Exception):
+    """`recv_frames` read a whole message with a frame over its `limit` (the message is
+    consumed and dropped)."""
+
+    def __init__(self, sender: bytes, size: int) -> None:
+        super().__init__(f"a frame of {size} bytes")
+        self.sender = sender
+        self.size = size
+
+
+def recv_frames_limited(sock: zmq.Socket[bytes], limit: int) -> list[bytes]:
+    """`recv_frames`, but raises OversizedMessage (after consuming the whole message) when a
+    frame is larger than `limit`. Only frames of BIG_FRAME bytes or more are measured."""
+    frame = _recv(sock, NOBLOCK, False)
+    parts: list[Any] = [frame.bytes]
+    biggest = 0
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        size = len(frame)
+        if size < BIG_FRAME:
+            parts.append(frame.bytes)
+        else:
+            parts.append(frame)
+            if size > biggest:
+                biggest = size
+    if biggest > limit:
+        raise OversizedMessage(parts[0], biggest)
+    return parts
+
+
 def readable(sock: zmq.Socket[bytes]) -> bool:
     """True if a whole message is waiting (cheaper than catching zmq.Again)."""
     return bool(_get(sock, _EVENTS) & POLLIN)

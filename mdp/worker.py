@@ -366,8 +366,12 @@ async def serve(
     *,
     handle_signals: bool = True,
     started: Callable[[list[Worker]], None] | None = None,
+    control: Sequence[Service] = (),
 ) -> None:
     """Run `concurrency` connections per service until SIGINT/SIGTERM (if `handle_signals`).
+
+    `control` services get one connection each: services that answer at once (such as a
+    worker-addressed cancel service), so they never wait behind the others' requests.
 
     The first signal stops taking requests and gives running ones `options.grace` seconds; a
     second signal cancels them at once. Returns when every connection has closed.
@@ -379,6 +383,10 @@ async def serve(
         Worker(service, options, context=context, worker_id=f"{service.name}#{i}")
         for service in services
         for i in range(concurrency)
+    ]
+    workers += [
+        Worker(service, options, context=context, worker_id=f"{service.name}#0")
+        for service in control
     ]
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()

@@ -22,10 +22,18 @@ from mdp.cli_options import (
 from mdp.endpoints import is_local_endpoint
 from mdp.protocol import Version
 from mdp.worker import WorkerOptions, serve
-from services.command import DEFAULT_MAX_TIMEOUT, DEFAULT_TIMEOUT, CommandSettings
+from services.command import (
+    DEFAULT_MAX_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    CommandService,
+    CommandSettings,
+    default_worker_name,
+    validate_worker_name,
+)
 from services.execution import Limits
 from services.policy import ChildLimits, CommandPolicy
-from services.registry import BUILTIN, ServiceSpecError, load_services
+from services.registry import BUILTIN, ServiceSpecError, control_services, load_services
+from services.watchdog import Watchdog, default_state_dir, reap_leftovers
 
 CONTEXT = {
     "help_option_names": ["-h", "--help"],
@@ -86,6 +94,25 @@ class ByteSize(click.ParamType):
     show_envvar=True,
     help="Independent broker connections per service. MDP gives a connection one request at "
     "a time, so this is how many requests of a service this process runs at once.",
+)
+@click.option(
+    "--name",
+    default=None,
+    show_envvar=True,
+    metavar="NAME",
+    help="This worker's name (1-64 of A-Z a-z 0-9 . _ -; unique per broker). For each command "
+    "service it also registers SERVICE@NAME, which reaches this worker alone (cancel). "
+    "[default: the host name]",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    show_envvar=True,
+    metavar="DIR",
+    help="Where the watchdog records the process groups of running commands, so that none "
+    "outlives this worker, even after SIGKILL. [default: $XDG_RUNTIME_DIR/mdp, else "
+    "/tmp/mdp-UID]",
 )
 @click.option(
     "--max-timeout",
@@ -214,6 +241,8 @@ def main(
     user: str | None,
     max_memory: int | None,
     max_procs: int | None,
+    name: str | None,
+    state_dir: str | None,
 ) -> None:
     """Host services on an MDP broker: run the commands clients send to "os" and "shell".
 
@@ -225,10 +254,12 @@ def main(
       echo    replies with the request body (for tests and benchmarks)
 
     Each command runs in its own process group with a minimal environment (PATH, HOME,
-    LANG=C.UTF-8, plus the request's env). On timeout the whole group gets SIGTERM, then
-    SIGKILL. Output is kept as bytes, capped per stream. Results of requests with a
-    request_id are remembered, so a retried request is never run twice by this process.
-    The body format is described in spec/command-service.md.
+    LANG=C.UTF-8, plus the request's env). On timeout or cancel the whole group gets SIGTERM,
+    then SIGKILL. Output is kept as bytes, capped per stream. Results of requests with a
+    request_id are remembered, so a retried request is never run twice by this process; a
+    request that arrives after its start deadline is answered "expired" and never runs. A
+    watchdog process ends the commands of a worker that dies, however it dies. The body
+    format and these guarantees are described in spec/command-service.md.
 
     Every option can also be set from an environment variable, shown in brackets (for
     example MDP_WORKER_CONCURRENCY=4). SIGINT or SIGTERM stops taking requests, lets running
@@ -241,6 +272,10 @@ def main(
       mdp-worker -s upper=mypackage.handlers:upper
     """
     logs.configure(log_level, log_json)
+    try:
+        worker_name = validate_worker_name(name) if name is not None else default_worker_name()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--name'") from None
     socket_options = curve_socket_options(curve_secret_key, curve_server_key)
     child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
     try:
@@ -255,12 +290,26 @@ def main(
             allow=tuple(word for value in allow for word in value.split()), deny_env=deny_env
         ),
         child=child,
+        name=worker_name,
     )
     specs = [word for value in services for word in value.split()]
     try:
         hosted = load_services(specs, settings)
     except ServiceSpecError as exc:
         raise click.BadParameter(str(exc), param_hint="'--service'") from None
+    directory = state_dir if state_dir is not None else default_state_dir()
+    try:
+        # A previous incarnation whose watchdog died too may have left commands running.
+        reap_leftovers(directory)
+        watchdog = Watchdog(directory)
+    except (OSError, RuntimeError) as exc:
+        raise click.BadParameter(
+            f"cannot start the watchdog in {directory}: {exc}", param_hint="'--state-dir'"
+        ) from None
+    for service in hosted:
+        if isinstance(service.handler, CommandService):
+            service.handler.tracker = watchdog
+    control = control_services(hosted)
     # Warnings only once every option is known to be good: a usage error says nothing else.
     if not socket_options and not is_local_endpoint(broker):
         log.warning("connecting to %s without CURVE: nothing is encrypted", broker)
@@ -275,18 +324,22 @@ def main(
         socket_options=socket_options,
     )
     log.info(
-        "serving %s on %s (MDP/%s, %d connection%s each, pid %d)",
+        "serving %s on %s as %r (MDP/%s, %d connection%s each, pid %d, watchdog pid %d)",
         ", ".join(s.name for s in hosted),
         broker,
+        worker_name,
         mdp_version,
         concurrency,
         "" if concurrency == 1 else "s",
         os.getpid(),
+        watchdog.pid,
     )
     try:
-        asyncio.run(serve(hosted, options, concurrency))
+        asyncio.run(serve(hosted, options, concurrency, control=control))
     except KeyboardInterrupt:  # before the signal handlers were installed
         sys.exit(130)
+    finally:
+        watchdog.close()
     log.info("stopped")
     sys.exit(0)
 

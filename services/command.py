@@ -14,14 +14,17 @@ import hashlib
 import logging
 import os
 import pwd
+import re
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mdp.worker import Request, Service
 from services.bodies import (
     BodyError,
+    CancelReply,
     CommandRequest,
     CommandResult,
     Output,
@@ -29,11 +32,12 @@ from services.bodies import (
     Started,
     WorkerInfo,
     pack,
+    parse_cancel,
     parse_request,
     unpack_map,
 )
 from services.dedup import RequestCache
-from services.execution import Emit, Limits, Outcome, run_process
+from services.execution import Emit, GroupTracker, Limits, Outcome, RunControl, run_process
 from services.policy import ChildLimits, CommandPolicy
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
     "CommandSettings",
     "base_environment",
     "command_argv",
+    "default_worker_name",
+    "validate_worker_name",
 ]
 
 log = logging.getLogger("services.command")
@@ -52,6 +58,25 @@ SHELL = "/bin/sh"
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_TIMEOUT = 300.0
+
+CANCELLED_IDS = 1024
+"""request_ids cancelled before this worker saw them, remembered (spec §14.3) ..."""
+CANCELLED_FOR = 600.0
+"""... for this many seconds."""
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def validate_worker_name(name: str) -> str:
+    """A worker name: 1 to 64 characters from A-Z a-z 0-9 . _ - (spec §14.3)."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"bad worker name {name!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ -")
+    return name
+
+
+def default_worker_name() -> str:
+    """The host name (its first 64 allowed characters), the default --name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64]
+    return name or "worker"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +92,13 @@ class CommandSettings:
     """Which commands may run (--allow, --deny-env); others are answered `rejected`."""
     child: ChildLimits = field(default_factory=ChildLimits)
     """The user commands run as and their resource limits (--user, --max-memory, ...)."""
+    name: str = field(default_factory=default_worker_name)
+    """The worker's name: `MODE@NAME` is its control service (spec §14.3)."""
 
     def __post_init__(self) -> None:
         if self.default_timeout <= 0 or self.max_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        validate_worker_name(self.name)
 
 
 def base_environment() -> dict[str, str]:
@@ -124,6 +152,7 @@ class CommandService:
         mode: Mode,
         settings: CommandSettings | None = None,
         cache: RequestCache | None = None,
+        tracker: GroupTracker | None = None,
     ) -> None:
         if mode not in ("os", "shell"):
             raise ValueError(f"unknown command mode {mode!r}")
@@ -136,12 +165,84 @@ class CommandService:
         if account is not None:
             self.environment["HOME"] = account.pw_dir
         self._popen_kwargs = self.settings.child.popen_kwargs()
+        self.tracker = tracker
+        """Told of every command's process group (the worker's watchdog, spec §14.4)."""
+        self.running: dict[str, RunControl] = {}
+        """Runs in progress by request_id: what a cancel message reaches."""
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self.service_name: str = mode
 
     def service(self, name: str | None = None) -> Service:
-        return Service(name or self.mode, self, self.error_reply)
+        self.service_name = name or self.mode
+        return Service(self.service_name, self, self.error_reply)
+
+    def control_service(self) -> Service:
+        """`MODE@NAME`: the service addressed to this worker alone, for cancel (spec §14.3)."""
+        return Service(f"{self.mode}@{self.settings.name}", self.control, self.error_reply)
 
     def _worker(self, request: Request) -> WorkerInfo:
-        return WorkerInfo(host=self.host, pid=os.getpid(), id=request.worker_id)
+        return WorkerInfo(
+            host=self.host, pid=os.getpid(), id=request.worker_id, name=self.settings.name
+        )
+
+    async def control(self, request: Request) -> list[bytes]:
+        """Answer a control message sent to `MODE@NAME`: today, cancel (spec §14.3)."""
+        worker = self._worker(request)
+        try:
+            message = parse_cancel(request.body)
+        except BodyError as exc:
+            result = CommandResult(
+                status="invalid", message=str(exc), errors=exc.errors, worker=worker
+            )
+            return [result.pack()]
+        request_id = message.cancel
+        run = self.running.get(request_id)
+        if run is not None:
+            run.cancel()
+            outcome = "cancelled"
+        elif self.cache.get((self.service_name, request_id)) is not None:
+            outcome = "finished"
+        else:
+            self._remember_cancelled(request_id)
+            outcome = "unknown"
+        log.info(
+            "%s: cancel %r from client %s: %s", worker.id, request_id, request.client.hex(), outcome
+        )
+        return [CancelReply(request_id=request_id, cancel=outcome, worker=worker).pack()]
+
+    def _remember_cancelled(self, request_id: str) -> None:
+        now = time.monotonic()
+        cancelled = self._cancelled
+        cancelled[request_id] = now
+        cancelled.move_to_end(request_id)
+        while cancelled and (
+            len(cancelled) > CANCELLED_IDS or next(iter(cancelled.values())) < now - CANCELLED_FOR
+        ):
+            cancelled.popitem(last=False)
+
+    def _refusal(self, command: CommandRequest, worker: WorkerInfo) -> CommandResult | None:
+        """`cancelled` for an id cancelled before it came, `expired` past its start_by."""
+        request_id = command.request_id
+        if request_id is not None and request_id in self._cancelled:
+            since = self._cancelled[request_id]
+            if since >= time.monotonic() - CANCELLED_FOR:
+                return CommandResult(
+                    status="cancelled",
+                    message="cancelled before it reached this worker; nothing ran",
+                    worker=worker,
+                    request_id=request_id,
+                )
+        if command.start_by is not None:
+            late = time.time() - command.start_by
+            if late > 0:
+                # spec §14.1: the client has moved on (or will, within the skew allowance).
+                return CommandResult(
+                    status="expired",
+                    message=f"arrived {late:.3f}s after its start deadline; nothing ran",
+                    worker=worker,
+                    request_id=request_id,
+                )
+        return None
 
     async def __call__(self, request: Request) -> list[bytes]:
         worker = self._worker(request)
@@ -173,8 +274,11 @@ class CommandService:
             )
             return [result.pack()]
         if command.request_id is None:
-            await self._started(request, worker, None)
-            return [await self._execute(command, request, worker)]
+            refusal = self._refusal(command, worker)
+            if refusal is not None:
+                return [refusal.pack()]
+            await self._started(request, worker, command)
+            return [await self._execute(command, request, worker, RunControl())]
 
         key = (request.service, command.request_id)
         digest = _request_digest(command)
@@ -189,29 +293,44 @@ class CommandService:
                 )
                 return [result.pack()]
             log.info("%s: duplicate request_id %r, not run again", worker.id, command.request_id)
-            await self._started(request, worker, command.request_id)
+            await self._started(request, worker, command)
             return [await self._follow(entry.done, request, worker, command.request_id)]
 
+        refusal = self._refusal(command, worker)
+        if refusal is not None:
+            return [refusal.pack()]
         entry = self.cache.begin(key, digest)
+        control = self.running[command.request_id] = RunControl()
         try:
-            await self._started(request, worker, command.request_id)
-            final = await self._execute(command, request, worker)
+            await self._started(request, worker, command)
+            final = await self._execute(command, request, worker, control)
         except BaseException:
             self.cache.abandon(key, entry)
             raise
+        finally:
+            if self.running.get(command.request_id) is control:
+                del self.running[command.request_id]
         self.cache.finish(key, entry, final)
         return [final]
 
-    async def _started(self, request: Request, worker: WorkerInfo, request_id: str | None) -> None:
-        if request.streaming:
-            await request.partial([Started(worker=worker, request_id=request_id).pack()])
-
-    async def _execute(
-        self, command: CommandRequest, request: Request, worker: WorkerInfo
-    ) -> bytes:
+    def _run_limit(self, command: CommandRequest) -> tuple[float, float]:
+        """(the timeout the request asked for, the one applied) in seconds (spec §5)."""
         settings = self.settings
         wanted = command.timeout if command.timeout is not None else settings.default_timeout
-        timeout = min(wanted, settings.max_timeout)
+        return wanted, min(wanted, settings.max_timeout)
+
+    async def _started(self, request: Request, worker: WorkerInfo, command: CommandRequest) -> None:
+        if request.streaming:
+            started = Started(
+                worker=worker, request_id=command.request_id, timeout=self._run_limit(command)[1]
+            )
+            await request.partial([started.pack()])
+
+    async def _execute(
+        self, command: CommandRequest, request: Request, worker: WorkerInfo, control: RunControl
+    ) -> bytes:
+        settings = self.settings
+        wanted, timeout = self._run_limit(command)
         env = {**self.environment, **(command.env or {})}
         emit: Emit | None = None
         if request.streaming:
@@ -228,6 +347,8 @@ class CommandService:
             stdin=command.stdin,
             emit=emit,
             popen_kwargs=self._popen_kwargs,
+            control=control,
+            tracker=self.tracker,
         )
         message = outcome.message
         if outcome.status == "timeout" and wanted > settings.max_timeout:

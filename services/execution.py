@@ -16,6 +16,12 @@ and returns an `Outcome`. Everything it waits for is bounded:
     drain      after the leader exits, the pipes get `drain_time` to reach end-of-file; if
                something in the group still holds them open (a background grandchild), the
                group is SIGKILLed and the pipes are closed after at most another `drain_time`
+    cancel     `RunControl.cancel()` (a cancel message, spec/command-service.md §14.3): as for
+               a timeout, with status "cancelled"; before the start, nothing starts
+
+Output reaches `emit` within `flush_interval` of being read (the first bytes after a quiet
+spell at once), so a client sees it live. A `tracker` (the worker's watchdog,
+`services.watchdog`) is told of the process group as soon as it exists and when it has ended.
 
 Output is never decoded. Child processes are reaped with `Popen.poll` and found to have exited
 through a pidfd where the kernel has them (Linux >= 5.3), by polling every 50 ms elsewhere.
@@ -31,16 +37,40 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 from services.bodies import Output, Progress
 
-__all__ = ["Emit", "Limits", "Outcome", "run_process"]
+__all__ = ["Emit", "GroupTracker", "Limits", "Outcome", "RunControl", "run_process"]
 
 Emit = Callable[[Output | Progress], Awaitable[None]]
 """Receives the streaming events of a running command, in order."""
 
-RunStatus = Literal["ok", "failed", "timeout", "error"]
+RunStatus = Literal["ok", "failed", "timeout", "error", "cancelled"]
+
+
+class GroupTracker(Protocol):
+    """Whoever must know the process groups of running commands (the worker's watchdog)."""
+
+    def add(self, pgid: int) -> None: ...
+
+    def remove(self, pgid: int) -> None: ...
+
+
+class RunControl:
+    """A handle on one run: `cancel()` ends it like a timeout does, with status "cancelled"."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._wake: asyncio.Event | None = None
+
+    def cancel(self) -> None:
+        """Stop the command (SIGTERM to its group, SIGKILL after `kill_grace`); before it
+        started, it never starts. Idempotent."""
+        self.cancelled = True
+        if self._wake is not None:
+            self._wake.set()
+
 
 _READ_SIZE = 64 * 1024
 _POLL_EXIT = 0.05  # how often the exit is polled where no pidfd is available
@@ -146,8 +176,11 @@ class _Run:
             self._close_capture(capture)
             self.changed.set()
             return
+        idle = not capture.pending
         capture.feed(data)
-        if len(capture.pending) >= self.limits.chunk_size:
+        # Wake the loop for the first bytes after a flush (it then flushes within
+        # flush_interval, spec §7) and for a full chunk; bytes in between just accumulate.
+        if (idle and capture.pending) or len(capture.pending) >= self.limits.chunk_size:
             self.changed.set()
 
     def _on_exit(self) -> None:
@@ -268,12 +301,18 @@ async def run_process(
     stdin: bytes | None = None,
     emit: Emit | None = None,
     popen_kwargs: Mapping[str, Any] | None = None,
+    control: RunControl | None = None,
+    tracker: GroupTracker | None = None,
 ) -> Outcome:
     """Run `argv` (no shell involved) and return how it ended. Never raises for anything the
     command does; cancellation kills the process group and re-raises. `popen_kwargs` are
     extra `subprocess.Popen` arguments (the worker's user switch and resource limits,
-    `services.policy.ChildLimits.popen_kwargs`)."""
+    `services.policy.ChildLimits.popen_kwargs`). `control` lets a caller cancel the run;
+    `tracker` is told of the process group (see the module docstring)."""
     started = time.monotonic()
+    control = control or RunControl()
+    if control.cancelled:
+        return Outcome("cancelled", message="cancelled before it started; nothing ran")
     try:
         proc = subprocess.Popen(
             argv,
@@ -295,18 +334,28 @@ async def run_process(
     except (ValueError, TypeError) as exc:  # e.g. an embedded NUL the models did not catch
         return Outcome("error", duration_ms=_ms(started), message=f"cannot start: {exc}")
 
+    if tracker is not None:
+        tracker.add(proc.pid)  # its own session: the pid is the process group id
     run = _Run(proc, stdin, limits, emit)
+    control._wake = run.changed
     message: str | None = None
+    cancelled = False
     try:
         deadline = run.started + timeout
-        timed_out = not await run.until(lambda: run.exited, deadline)
+        timed_out = not await run.until(lambda: run.exited or control.cancelled, deadline)
+        cancelled = control.cancelled and not run.exited
+        timed_out = timed_out and not cancelled
         finished = lambda: run.exited and run.pipes_closed  # noqa: E731
-        if timed_out:
+        if timed_out or cancelled:
             run.kill_group(signal.SIGTERM)
             await run.until(finished, time.monotonic() + limits.kill_grace)
             run.kill_group(signal.SIGKILL)
             await run.until(finished, time.monotonic() + limits.drain_time)
-            message = f"timed out after {timeout:g}s; the process group was killed"
+            message = (
+                "cancelled; the process group was killed"
+                if cancelled
+                else f"timed out after {timeout:g}s; the process group was killed"
+            )
         elif not await run.until(lambda: run.pipes_closed, time.monotonic() + limits.drain_time):
             run.kill_group(signal.SIGKILL)
             await run.until(lambda: run.pipes_closed, time.monotonic() + limits.drain_time)
@@ -319,7 +368,10 @@ async def run_process(
         run.kill_group(signal.SIGKILL)
         raise
     finally:
+        control._wake = None
         run.close()
+        if tracker is not None and proc.poll() is not None:
+            tracker.remove(proc.pid)  # reaped; one that is not stays watched
     stdout, stderr = (bytes(c.kept) for c in run.captures)
     truncated = any(c.truncated for c in run.captures)
     returncode = proc.poll()
@@ -327,8 +379,10 @@ async def run_process(
         message = f"{message or 'killed'} (the process did not die yet; it is reaped later)"
     exit_code = returncode if returncode is not None and returncode >= 0 else None
     sig = -returncode if returncode is not None and returncode < 0 else None
-    if timed_out:
-        status: RunStatus = "timeout"
+    if cancelled:
+        status: RunStatus = "cancelled"
+    elif timed_out:
+        status = "timeout"
     else:
         status = "ok" if returncode == 0 else "failed"
     return Outcome(

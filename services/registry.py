@@ -17,8 +17,9 @@ from mdp.worker import Handler, Service
 from services import echo
 from services.command import CommandService, CommandSettings
 from services.dedup import RequestCache
+from services.execution import GroupTracker
 
-__all__ = ["BUILTIN", "ServiceSpecError", "load_service", "load_services"]
+__all__ = ["BUILTIN", "ServiceSpecError", "control_services", "load_service", "load_services"]
 
 BUILTIN = ("os", "shell", "echo")
 
@@ -28,11 +29,15 @@ class ServiceSpecError(ValueError):
 
 
 def load_services(
-    specs: Sequence[str], settings: CommandSettings, cache: RequestCache | None = None
+    specs: Sequence[str],
+    settings: CommandSettings,
+    cache: RequestCache | None = None,
+    tracker: GroupTracker | None = None,
 ) -> list[Service]:
-    """Resolve every spec; one request cache is shared by the command services of a process."""
+    """Resolve every spec; one request cache is shared by the command services of a process.
+    `tracker` (the worker's watchdog) is told of every command's process group."""
     cache = cache if cache is not None else RequestCache()
-    services = [load_service(spec, settings, cache) for spec in specs]
+    services = [load_service(spec, settings, cache, tracker) for spec in specs]
     names = [s.name for s in services]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -40,13 +45,24 @@ def load_services(
     return services
 
 
-def load_service(spec: str, settings: CommandSettings, cache: RequestCache) -> Service:
+def control_services(services: Sequence[Service]) -> list[Service]:
+    """The worker-addressed control service (`MODE@NAME`, spec/command-service.md §14.3) of
+    each command service among `services`."""
+    return [s.handler.control_service() for s in services if isinstance(s.handler, CommandService)]
+
+
+def load_service(
+    spec: str,
+    settings: CommandSettings,
+    cache: RequestCache,
+    tracker: GroupTracker | None = None,
+) -> Service:
     """One service from a built-in name, `module:attr` or `NAME=module:attr`."""
     spec = spec.strip()
     if spec == "os":
-        return CommandService("os", settings, cache).service()
+        return CommandService("os", settings, cache, tracker).service()
     if spec == "shell":
-        return CommandService("shell", settings, cache).service()
+        return CommandService("shell", settings, cache, tracker).service()
     if spec == "echo":
         return echo.SERVICE
     if ":" not in spec:

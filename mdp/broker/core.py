@@ -21,7 +21,10 @@ The state:
 
 Requests a worker took are not resent when that worker dies: MDP workers may not be idempotent
 (our command services are not), so the client notices the silence and decides (spec/mdp.md,
-"At most once").
+"At most once"). A request whose REQUEST could not even be handed to the worker's connection
+was never delivered, so it goes to the next worker: the driver reports such sends with
+`unroutable()`. `probe()` sends every worker a HEARTBEAT so that the driver learns at once which
+connections are gone (it calls it when libzmq reports a closed connection).
 """
 
 from __future__ import annotations
@@ -89,6 +92,9 @@ class BrokerStats:
     workers_expired: int = 0
     workers_disconnected: int = 0
     unroutable: int = 0
+    requests_requeued: int = 0
+    workers_gone: int = 0
+    oversized_messages: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """All counters by name."""
@@ -115,6 +121,8 @@ class Worker:
     expires_at: float
     heartbeat_at: float
     request: Request | None = None
+    delivery: list[bytes] | None = None
+    """The REQUEST message last put in the outbox for it (to recognise its failed send)."""
     gone: bool = False
 
 
@@ -143,6 +151,7 @@ class BrokerCore:
         # Ticks run four times per interval, so a heartbeat leaves at most 1.25 intervals apart.
         self._tick_period = self.config.heartbeat_interval / 4
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._now = 0.0  # the time of the event being handled, for helpers that deliver
 
     # ---------------------------------------------------------------------------------------
     # Input
@@ -297,22 +306,34 @@ class BrokerCore:
     def _deliver(self, worker: Worker, request: Request, now: float) -> None:
         worker.request = request
         worker.heartbeat_at = now + self.config.heartbeat_interval
-        self.outbox.append(
-            [
-                worker.identity,
-                *worker.framing.addressed(Command.REQUEST, request.client, request.body),
-            ]
-        )
+        message = [
+            worker.identity,
+            *worker.framing.addressed(Command.REQUEST, request.client, request.body),
+        ]
+        worker.delivery = message
+        self.outbox.append(message)
 
-    def _forget(self, worker: Worker) -> None:
-        """Drop every trace of a worker; it gets nothing more from us."""
+    def _forget(self, worker: Worker, *, requeue: bool = False) -> None:
+        """Drop every trace of a worker; it gets nothing more from us. With `requeue`, the
+        request it holds was never delivered: it goes to another worker or back in the queue."""
         del self.workers[worker.identity]
         worker.gone = True
         service = worker.service
         service.worker_count -= 1
-        if worker.request is not None:
-            self.stats.requests_lost_with_worker += 1
+        request = worker.request
+        if request is not None:
             worker.request = None
+            worker.delivery = None
+            if requeue:
+                self.stats.requests_requeued += 1
+                other = self._pop_idle(service) if not service.requests else None
+                if other is not None:
+                    self._deliver(other, request, self._now)
+                else:
+                    # The head of the queue: it arrived before anything waiting there now.
+                    service.requests.appendleft(request)
+            else:
+                self.stats.requests_lost_with_worker += 1
         else:
             service.idle_count -= 1
             # Compact lazily so a churn of reconnecting workers cannot grow the idle queue.
@@ -367,6 +388,35 @@ class BrokerCore:
                 self.stats.requests_expired += 1
             self._drop_if_unused(service)
         return now + self._tick_period
+
+    def unroutable(self, identity: bytes, message: list[bytes], now: float) -> None:
+        """The driver could not send `message` (from the outbox) to `identity`: that peer's
+        connection is gone (ROUTER_MANDATORY says EHOSTUNREACH). A worker is forgotten at once;
+        if the message was the REQUEST it was being given, the request goes to another worker
+        (spec/mdp.md §3.4: it was never delivered). More messages may be added to `outbox`."""
+        self.stats.unroutable += 1
+        worker = self.workers.get(identity)
+        if worker is None:
+            return  # a client that went away, or a worker already forgotten
+        self.stats.workers_gone += 1
+        requeue = worker.request is not None and message is worker.delivery
+        log.info(
+            "worker %s (%s) is gone (its connection closed)%s",
+            identity.hex(),
+            _text(worker.service.name),
+            "; its undelivered request goes to another worker" if requeue else "",
+        )
+        self._now = now
+        self._forget(worker, requeue=requeue)
+
+    def probe(self, now: float) -> None:
+        """Send every worker a HEARTBEAT now; the sends that fail (`unroutable`) reveal the
+        workers whose connection closed. Harmless to live workers: any command may come at any
+        time, and a HEARTBEAT is one."""
+        interval = self.config.heartbeat_interval
+        for worker in self.workers.values():
+            worker.heartbeat_at = now + interval
+            self.outbox.append([worker.identity, *worker.framing.command(Command.HEARTBEAT)])
 
     def expel(self, identity: bytes) -> bool:
         """Send DISCONNECT to a registered worker and forget it (e.g. its key was revoked).

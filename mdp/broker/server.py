@@ -28,7 +28,7 @@ from zmq.backend import zmq_poll
 from mdp.broker.core import BrokerConfig, BrokerCore
 from mdp.endpoints import check_endpoint, exposed_endpoints
 from mdp.errors import MDPError
-from mdp.fastzmq import POLLIN, readable, recv_frames, send_frames
+from mdp.fastzmq import POLLIN, OversizedMessage, readable, recv_frames_limited, send_frames
 from mdp.security import BrokerAuth
 
 log = logging.getLogger("mdp.broker")
@@ -37,6 +37,13 @@ DEFAULT_MAX_MSG_SIZE = 16 * 1024 * 1024
 DEFAULT_SNDHWM = 10_000
 BATCH = 256
 SHUTDOWN_LINGER_MS = 500
+ZMQ_SIZE_FACTOR = 4
+"""libzmq reads frames up to this many times --max-msg-size (so the broker can count and log
+the oversized ones); beyond it, libzmq drops the connection unseen."""
+PROBE_DELAYS = (0.01, 0.1)
+"""After libzmq reports a closed connection, workers are probed after these delays: the
+socket learns of the closed pipe a moment after the monitor event."""
+PROBE_GAP = 0.01
 
 _recv: Any = _BackendSocket.recv
 _get: Any = _BackendSocket.get
@@ -101,6 +108,8 @@ class BrokerServer:
         self.auth = auth
         self.insecure = insecure
         self._socket: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._probes: list[float] = []  # when to probe workers next (spec/mdp.md §4.2)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -140,7 +149,7 @@ class BrokerServer:
             sock.setsockopt(zmq.LINGER, 0)
             # Unroutable sends raise instead of vanishing, so we can count them.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size * ZMQ_SIZE_FACTOR)
             sock.setsockopt(zmq.SNDHWM, DEFAULT_SNDHWM)
             for option, value in self._socket_setup:
                 sock.setsockopt(option, value)
@@ -153,6 +162,9 @@ class BrokerServer:
                 auth.stop()
             raise
         self._socket = sock
+        # ROUTER_NOTIFY needs libzmq's draft API; a monitor's DISCONNECTED event is the
+        # portable sign that some peer's connection closed (which one, the probe tells).
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         return self.bound
 
     def serve(self, *, handle_signals: bool = False) -> None:
@@ -166,7 +178,11 @@ class BrokerServer:
         outbox = core.outbox
         handle = core.handle
         wake_fd = self._wake_r.fileno()
-        poll_items: list[tuple[Any, int]] = [(sock, POLLIN), (wake_fd, POLLIN)]
+        monitor = self._monitor
+        assert monitor is not None
+        poll_items: list[tuple[Any, int]] = [(sock, POLLIN), (wake_fd, POLLIN), (monitor, POLLIN)]
+        probes = self._probes
+        limit = self.max_msg_size
         clock = time.monotonic
         next_tick = core.tick(clock())
         auth = self.auth
@@ -182,7 +198,8 @@ class BrokerServer:
         )
         try:
             while not self._stopping:
-                timeout = max(0, math.ceil((next_tick - clock()) * 1000))
+                due = min(next_tick, probes[0]) if probes else next_tick
+                timeout = max(0, math.ceil((due - clock()) * 1000))
                 events: list[tuple[Any, int]] = zmq_poll(poll_items, timeout)
                 # Drain in batches: one poll per wake-up, however many messages wait.
                 now = clock()
@@ -190,7 +207,11 @@ class BrokerServer:
                     for _ in range(BATCH):
                         if not readable(sock):
                             break
-                        frames = recv_frames(sock)
+                        try:
+                            frames = recv_frames_limited(sock, limit)
+                        except OversizedMessage as exc:
+                            self._oversized(exc)
+                            continue
                         handle(frames[0], frames[1:], now)
                 else:
                     if auth.lists.generation != generation:
@@ -199,9 +220,14 @@ class BrokerServer:
                     self._drain_authenticated(sock, auth, now)
                 if outbox:
                     self._flush(sock)
-                if len(events) > 1 or (events and events[0][0] == wake_fd):
+                if len(events) > 1 or (events and events[0][0] is not sock):
                     self._drain_wake()
+                    self._drain_monitor(monitor, now)
                 now = clock()
+                if probes and now >= probes[0]:
+                    del probes[0]
+                    core.probe(now)
+                    self._flush(sock)
                 if now >= next_tick:
                     next_tick = core.tick(now)
                     if auth is not None:
@@ -211,6 +237,10 @@ class BrokerServer:
             core.disconnect_all()
             self._flush(sock)
         finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+            self._monitor = None
             sock.close(linger=SHUTDOWN_LINGER_MS)
             self._socket = None
             if auth is not None:
@@ -234,8 +264,13 @@ class BrokerServer:
                 break
             first = _recv(sock, _NOBLOCK, False)  # a zmq.Frame: it carries the metadata
             frames = [first.bytes]
+            biggest = 0
             while _get(sock, _RCVMORE):
                 frames.append(_recv(sock, _NOBLOCK))
+                biggest = max(biggest, len(frames[-1]))
+            if biggest > self.max_msg_size:
+                self._oversized(OversizedMessage(frames[0], biggest))
+                continue
             try:
                 user_id = first.get("User-Id")
             except zmq.ZMQError:  # no such property: not a connection ZAP approved
@@ -258,19 +293,50 @@ class BrokerServer:
                 )
                 core.expel(identity)
 
+    def _oversized(self, exc: OversizedMessage) -> None:
+        self.core.stats.oversized_messages += 1
+        log.warning(
+            "dropped a message from %s: a frame of %d bytes is over --max-msg-size (%d)",
+            exc.sender.hex(),
+            exc.size,
+            self.max_msg_size,
+        )
+
+    def _drain_monitor(self, monitor: zmq.Socket[bytes], now: float) -> None:
+        """Consume monitor events; a closed connection schedules the worker probes."""
+        closed = False
+        while readable(monitor):
+            monitor.recv_multipart(zmq.NOBLOCK)  # [event+value, endpoint]: DISCONNECTED only
+            closed = True
+        if closed and self.core.workers:
+            # Coalesced: probes less than PROBE_GAP apart are one, so a burst of closing
+            # client connections costs at most one round of probes per PROBE_GAP.
+            merged: list[float] = []
+            for when in sorted([*self._probes, *(now + d for d in PROBE_DELAYS)]):
+                if not merged or when - merged[-1] >= PROBE_GAP:
+                    merged.append(when)
+            self._probes[:] = merged
+
     def _flush(self, sock: zmq.Socket[bytes]) -> None:
-        stats = self.core.stats
-        for frames in self.core.outbox:
+        core = self.core
+        stats = core.stats
+        outbox = core.outbox
+        i = 0
+        # `unroutable` may add messages (a requeued request given to another worker).
+        while i < len(outbox):
+            frames = outbox[i]
+            i += 1
             try:
                 send_frames(sock, frames)
             except zmq.Again:
-                # The peer's pipe is full (or it is gone): drop rather than stall every peer.
+                # The peer's pipe is full: drop rather than stall every peer.
                 stats.unroutable += 1
             except zmq.ZMQError as exc:
                 if exc.errno != errno.EHOSTUNREACH:
                     raise
-                stats.unroutable += 1
-        self.core.outbox.clear()
+                # The peer's connection is gone (ROUTER_MANDATORY): tell the core.
+                core.unroutable(frames[0], frames, time.monotonic())
+        outbox.clear()
 
     # ---------------------------------------------------------------------------------------
     # Stopping

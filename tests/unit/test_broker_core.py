@@ -454,3 +454,70 @@ def test_expel_disconnects_a_worker_and_loses_its_request() -> None:
     assert sent(b) == [[b"W", W02, b"\x06"]]
     assert not b.workers and b.stats.requests_lost_with_worker == 1
     assert b.expel(b"W") is False
+
+
+# --- connections that closed (spec/mdp.md §3.4, §4.2) ------------------------------------
+
+
+def test_an_undelivered_request_goes_to_the_next_idle_worker() -> None:
+    """The REQUEST to a worker whose connection is gone could not be sent: it was never
+    delivered, so the next worker gets it, and the gone worker is forgotten."""
+    b = core()
+    ready02(b, b"W1")
+    ready02(b, b"W2")
+    request02(b, b"C", b"echo", b"x")
+    (delivery,) = b.outbox
+    sent(b)
+    b.unroutable(b"W1", delivery, 0.5)
+    assert sent(b) == [[b"W2", W02, b"\x02", b"C", b"", b"x"]]
+    assert set(b.workers) == {b"W2"}
+    assert (b.stats.requests_requeued, b.stats.workers_gone) == (1, 1)
+    assert b.stats.requests_lost_with_worker == 0
+
+
+def test_an_undelivered_request_waits_at_the_head_of_the_queue() -> None:
+    b = core()
+    ready02(b, b"W1")
+    request02(b, b"C1", b"echo", b"1")
+    (delivery,) = b.outbox
+    sent(b)
+    request02(b, b"C2", b"echo", b"2")  # queued behind: W1 is busy
+    b.unroutable(b"W1", delivery, 0.5)
+    assert sent(b) == []
+    ready02(b, b"W2", now=1)
+    assert sent(b) == [[b"W2", W02, b"\x02", b"C1", b"", b"1"]]
+
+
+def test_a_failed_heartbeat_forgets_a_busy_worker_and_its_request_is_lost() -> None:
+    """At most once: a request that was delivered is never given to another worker."""
+    b = core()
+    ready02(b, b"W1")
+    ready02(b, b"W2")
+    request02(b, b"C", b"echo", b"x")
+    sent(b)
+    b.probe(0.5)
+    probes = sent(b)
+    assert sorted(p[0] for p in probes) == [b"W1", b"W2"]
+    assert all(p[1:] == [W02, b"\x05"] for p in probes)
+    busy = next(p for p in probes if p[0] == b"W1")
+    b.unroutable(b"W1", busy, 0.5)
+    assert sent(b) == []
+    assert set(b.workers) == {b"W2"}
+    assert b.stats.requests_lost_with_worker == 1
+
+
+def test_a_gone_idle_worker_is_never_given_a_request() -> None:
+    b = core()
+    ready02(b, b"W1")
+    ready02(b, b"W2")
+    b.probe(0.1)
+    b.unroutable(b"W1", sent(b)[0], 0.1)
+    request02(b, b"C", b"echo", b"x")
+    assert sent(b) == [[b"W2", W02, b"\x02", b"C", b"", b"x"]]
+
+
+def test_unroutable_reply_to_a_client_changes_nothing() -> None:
+    b = core()
+    ready02(b, b"W")
+    b.unroutable(b"C", [b"C", C02, b"\x03", b"echo", b"x"], 0.1)
+    assert set(b.workers) == {b"W"} and b.stats.unroutable == 1
