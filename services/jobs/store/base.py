@@ -204,9 +204,9 @@ class JobStore(abc.ABC):
         mark them claimed at `now` and count an attempt. The caller dispatches them."""
 
     @abc.abstractmethod
-    async def release_claims(self) -> int:
-        """Forget every claim (at start-up of the only manager): those jobs get dispatched
-        again. Returns how many were released."""
+    async def release_claims(self, before: float) -> int:
+        """Forget the claims of `queued` jobs claimed before `before` (their dispatcher is gone:
+        a restart, a crash): those jobs get dispatched again. Returns how many."""
 
     @abc.abstractmethod
     async def update(self, job_id: str, expect: Collection[str], **changes: Any) -> Job | None:

@@ -465,10 +465,11 @@ class SQLiteStore(JobStore):
 
         return await self._write(op)
 
-    async def release_claims(self) -> int:
+    async def release_claims(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "UPDATE jobs SET claimed = NULL WHERE state = 'queued' AND claimed IS NOT NULL"
+                "UPDATE jobs SET claimed = NULL WHERE state = 'queued' AND claimed < ?",
+                (before,),
             )
             return cur.rowcount
 

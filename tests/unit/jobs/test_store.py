@@ -90,14 +90,16 @@ async def test_claim_takes_oldest_unclaimed_of_one_service(store: JobStore) -> N
     assert await store.claim("shell", 10, T0 + 3) == []
 
 
-async def test_release_claims_makes_jobs_claimable_again(store: JobStore) -> None:
+async def test_release_claims_makes_old_claims_claimable_again(store: JobStore) -> None:
     await store.submit(new("a"))
+    await store.submit(new("b"))
     await store.claim("shell", 1, T0)
+    await store.claim("shell", 1, T0 + 10)
     assert await store.queued_services() == []
-    assert await store.release_claims() == 1
+    assert await store.release_claims(before=T0 + 5) == 1
     assert await store.queued_services() == ["shell"]
-    again = await store.claim("shell", 1, T0 + 1)
-    assert [j.attempts for j in again] == [2]
+    again = await store.claim("shell", 5, T0 + 11)
+    assert [(j.id, j.attempts) for j in again] == [("a", 2)]
 
 
 async def test_queued_services_lists_each_service_once(store: JobStore) -> None:

@@ -1,0 +1,710 @@
+"""`mdp-jobs`: the job manager. An MDP worker for `jobs.*` and `titanic.*`, an MDP client of
+the target services, and the only writer of its store (`spec/jobs.md`).
+
+The life of a job in this process
+---------------------------------
+1. `jobs.submit` (or `titanic.request`) validates the body, commits a `queued` job and only
+   then answers (the store's group commit makes that cheap).
+2. The dispatch loop, woken by submits and by finished runs, asks the store which services have
+   unclaimed queued jobs, and for each claims as many as its window allows (twice the workers
+   `mmi.services` reports). Each claimed job gets a task: `_dispatch`.
+3. `_dispatch` sends the request (request_id = job id, `start_by` = now + dispatch timeout) and
+   follows the stream (`_follow`): `started` -> `running`; output -> numbered chunks; FINAL ->
+   the end. Each event becomes one compare-and-set store update chosen by `core.step`.
+4. Silence before `started`: the attempt cannot start any more once `start_by` + the skew
+   allowance has passed, so the job goes back to the queue. Silence after `started`, or a
+   restart of this process with `running` jobs: `_reattach` re-sends the same request with a
+   `start_by` in the past -- only the worker that ran it answers from its memory; any other
+   answers `expired` and runs nothing. If no worker knows it, the job is `lost` (and a cancel is
+   sent to its worker, so it can never finish unseen).
+
+Every wait is bounded; the store is the only state that matters across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from mdp.client import Client
+from mdp.errors import MDPError, ProtocolError
+from mdp.mmi import MMINotImplemented
+from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, validate_service_name
+from mdp.worker import Request, Service, Worker, WorkerOptions
+from services.bodies import (
+    BodyError,
+    CancelRequest,
+    Output,
+    Started,
+    pack,
+    parse_cancel_reply,
+    parse_partial,
+    parse_result,
+    unpack_map,
+)
+from services.jobs import titanic, wire
+from services.jobs.core import Event, step
+from services.jobs.store.base import (
+    ACTIVE,
+    Job,
+    JobStore,
+    NewJob,
+    StoreError,
+    SubmitOutcome,
+    Tombstone,
+)
+
+__all__ = ["SKEW", "JobManager", "Settings"]
+
+log = logging.getLogger("mdp.jobs")
+
+SKEW = 1.0
+"""The skew allowance of spec/command-service.md §14.1: an attempt is given up only once its
+`start_by` plus this has passed."""
+PAST = 1.0
+"""The `start_by` of a re-attach: long past, so no worker starts it anew (§14.1)."""
+DAY = 86_400.0
+CONTROL_TIMEOUT = 2.0
+"""Seconds to wait for the broker's MMI or a worker's answer to a cancel."""
+WAIT_SLICE = 0.5
+"""Long polls re-read the store at least this often (another manager may change a job)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How `mdp-jobs` runs (`mdp-jobs --help` explains each)."""
+
+    broker: str
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    liveness: int = HEARTBEAT_LIVENESS
+    socket_options: Sequence[tuple[int, int | bytes]] = ()
+    submit_connections: int = 32
+    read_connections: int = 8
+    dispatch_timeout: float = 30.0
+    liveness_timeout: float = 15.0
+    reattach_timeout: float = 120.0
+    default_window: int = 4
+    mmi_interval: float = 1.0
+    max_log: int = 8 * 1024 * 1024
+    keep: float = 7 * DAY
+    keep_failed: float = 30 * DAY
+    keep_records: float = 30 * DAY
+    keep_tombstones: float = 365 * DAY
+    purge_interval: float = 60.0
+    purge_batch: int = 1000
+    grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.keep_records < self.keep:
+            raise ValueError("--keep-records must be at least --keep")
+        for name in ("dispatch_timeout", "liveness_timeout", "mmi_interval", "purge_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+class JobManager:
+    """One `mdp-jobs`: `await manager.run()` until `manager.stop()`."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._own_context = context is None
+        self._context = context or zmq.asyncio.Context()
+        self._clock = clock
+        # Dispatches: silence is timed here (it depends on the job's state), so the client's
+        # own per-attempt timeout is out of the way and it never retries by itself.
+        self.client = Client(
+            settings.broker,
+            timeout=DAY,
+            retries=0,
+            context=self._context,
+            socket_options=settings.socket_options,
+        )
+        self.control = Client(
+            settings.broker,
+            timeout=CONTROL_TIMEOUT,
+            retries=0,
+            context=self._context,
+            socket_options=settings.socket_options,
+        )
+        self.workers: list[Worker] = []
+        self.ready = asyncio.Event()
+        """Set once the store is open, claims released and the workers started."""
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight: dict[str, int] = defaultdict(int)
+        self._workers_of: dict[str, int] = {}
+        self._mmi_ok = True
+        self._cancel_requested: set[str] = set()
+        self._watchers: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self.dispatched = 0
+
+    # --- life ----------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The manager's wall clock (seconds since the epoch)."""
+        return self._clock()
+
+    def stop(self) -> None:
+        """Stop taking requests and dispatching; `run()` returns soon after."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until `stop()`. The store must be open; it is left open."""
+        started = self._clock()
+        s = self.settings
+        released = await self.store.release_claims(before=started - s.dispatch_timeout - SKEW)
+        if released:
+            log.info("%d queued jobs claimed by an earlier run are queued again", released)
+        self._spawn(self._release_claims_of_previous_run(started))
+        await self._reattach_running()
+        options = WorkerOptions(
+            broker=s.broker,
+            heartbeat_interval=s.heartbeat_interval,
+            liveness=s.liveness,
+            grace=s.grace,
+            socket_options=s.socket_options,
+        )
+        self.workers = [
+            Worker(service, options, context=self._context, worker_id=f"{service.name}#{i}")
+            for service, count in self._services()
+            for i in range(count)
+        ]
+        loops = [
+            asyncio.create_task(self._dispatch_loop(), name="jobs-dispatch"),
+            asyncio.create_task(self._mmi_loop(), name="jobs-mmi"),
+            asyncio.create_task(self._retention_loop(), name="jobs-retention"),
+        ]
+        runs = [asyncio.create_task(w.run(), name=w.worker_id) for w in self.workers]
+        self.ready.set()
+        log.info("serving jobs.* and titanic.* on %s", s.broker)
+        try:
+            await self._stop.wait()
+        finally:
+            for worker in self.workers:
+                worker.stop(s.grace)
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), s.grace + 2.0)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.client.close()
+            self.control.close()
+            if self._own_context:
+                self._context.destroy(linger=0)
+
+    def _services(self) -> list[tuple[Service, int]]:
+        s = self.settings
+        guarded = _guarded
+        return [
+            (Service("jobs.submit", guarded(self._submit)), s.submit_connections),
+            (Service("jobs.status", guarded(self._status)), s.read_connections),
+            (Service("jobs.result", guarded(self._result)), s.read_connections),
+            (Service("jobs.logs", guarded(self._logs)), s.read_connections),
+            (Service("jobs.cancel", guarded(self._cancel_jobs)), s.read_connections),
+            (Service("jobs.list", guarded(self._list)), s.read_connections),
+            (Service("titanic.request", self._titanic_request), s.submit_connections // 4 or 1),
+            (Service("titanic.reply", self._titanic_reply), s.read_connections),
+            (Service("titanic.close", self._titanic_close), s.read_connections),
+        ]
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task failed", exc_info=task.exception())
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless stopped; True when stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
+
+    # --- change notification (long polls) ------------------------------------------------
+
+    def _notify(self, job_id: str) -> None:
+        for future in self._watchers.pop(job_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def _changed(self, job_id: str, timeout: float) -> None:
+        """Return when this manager changed the job, or after `timeout` (at most WAIT_SLICE)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers[job_id].append(future)
+        try:
+            await asyncio.wait_for(future, min(timeout, WAIT_SLICE))
+        except TimeoutError:
+            watchers = self._watchers.get(job_id)
+            if watchers is not None and future in watchers:
+                watchers.remove(future)
+                if not watchers:
+                    del self._watchers[job_id]
+
+    # --- applying events -----------------------------------------------------------------
+
+    async def _apply(self, job: Job, event: Event, **payload: Any) -> Job | None:
+        """Apply `event` to `job` (core.step + one compare-and-set). On a race, re-read the
+        job and decide again. None when the event does not apply to the job any more."""
+        for _ in range(3):
+            if event is Event.FINAL:
+                payload["cancel_requested"] = (
+                    job.cancel_requested or job.id in self._cancel_requested
+                )
+            decision = step(job.state, event, at=self._clock(), **payload)
+            if decision is None:
+                return None
+            updated = await self.store.update(job.id, decision.expect, **decision.changes)
+            if updated is not None:
+                self._notify(job.id)
+                return updated
+            fresh = await self.store.get(job.id)
+            if not isinstance(fresh, Job):
+                return None
+            job = fresh
+        return None
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def _window(self, service: str) -> int:
+        if not self._mmi_ok:
+            return self.settings.default_window
+        return 2 * self._workers_of.get(service, 0)
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                services = await self.store.queued_services()
+                wanted = [
+                    (service, free)
+                    for service in services
+                    if (free := self._window(service) - self._in_flight[service]) > 0
+                ]
+                now = self._clock()
+                claims = await asyncio.gather(
+                    *(self.store.claim(service, free, now) for service, free in wanted)
+                )
+            except StoreError as exc:
+                log.error("dispatch: %s", exc)
+                await self._sleep(1.0)
+                continue
+            for jobs in claims:
+                for job in jobs:
+                    self._in_flight[job.service] += 1
+                    self._spawn(self._dispatch(job))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _dispatch(self, job: Job) -> None:
+        self.dispatched += 1
+        try:
+            start_by = self._clock() + self.settings.dispatch_timeout
+            outcome, job = await self._follow(
+                job, _request(job, start_by), self.settings.dispatch_timeout + SKEW
+            )
+            if outcome == "silent-queued":
+                await self._apply(job, Event.SILENT)
+            elif outcome in ("silent-running", "expired-running"):
+                await self._reattach(job)
+        except StoreError as exc:
+            log.error("job %s: %s", job.id, exc)
+        finally:
+            self._in_flight[job.service] -= 1
+            self._wake.set()
+
+    async def _follow(self, job: Job, body: list[bytes], first_silence: float) -> tuple[str, Job]:
+        """Send `body` for `job` and store what comes back. Returns how it ended, and the job
+        as last stored: `done` (the job is terminal), `gone` (it changed under us: cancelled,
+        ...), `silent-queued`, `expired-queued` (nothing started; the claim is released),
+        `silent-running`, `expired-running` (it had started; someone must re-attach)."""
+        state = job.state
+        parts = self.client.stream(job.service, *body)
+        async with contextlib.aclosing(parts):
+            while True:
+                silence = first_silence if state == "queued" else self.settings.liveness_timeout
+                try:
+                    part = await asyncio.wait_for(anext(parts), silence)
+                except (TimeoutError, MDPError):
+                    return f"silent-{state}", job
+                if not part.final:
+                    updated = await self._partial(job, state, part.body)
+                    if updated is None:
+                        return "gone", job
+                    job, state = updated, updated.state
+                    continue
+                status, exit_code, message = _interpret(job.kind, part.body)
+                if status == "expired":
+                    if state == "queued":
+                        await self._apply(job, Event.EXPIRED)
+                    return f"expired-{state}", job
+                done = await self._apply(
+                    job,
+                    Event.FINAL,
+                    status=status,
+                    result=part.body,
+                    exit_code=exit_code,
+                    message=message,
+                )
+                self._cancel_requested.discard(job.id)
+                return ("done", done) if done is not None else ("gone", job)
+
+    async def _partial(self, job: Job, state: str, body: list[bytes]) -> Job | None:
+        """Store one PARTIAL; the job after it, or None if the job is no longer ours."""
+        try:
+            event = parse_partial(body)
+        except BodyError:
+            return job  # not a command service's PARTIAL: nothing to store
+        if isinstance(event, Started):
+            worker = event.worker.model_dump(exclude_none=True)
+            if state != "queued":
+                return job  # a re-attach: the worker repeats `started`
+            updated = await self._apply(job, Event.STARTED, worker=worker)
+            if updated is not None:
+                return updated
+            fresh = await self.store.get(job.id)
+            if isinstance(fresh, Job) and fresh.state == "running":
+                return fresh  # already stored as running (a stale copy of the job)
+            # Cancelled (or ended) while its request was on the way: stop the run.
+            self._spawn(self._cancel_on_worker(job.id, job.service, worker))
+            return None
+        if isinstance(event, Output):
+            stored = await self.store.append_output(
+                job.id, [(event.stream, event.data)], self.settings.max_log
+            )
+            self._notify(job.id)
+            return job if stored is None else stored
+        return job
+
+    async def _reattach_running(self) -> None:
+        """At start: every `running` job gets a re-attach task (spec/jobs.md §4)."""
+        cursor: int | None = None
+        while True:
+            page = await self.store.list_jobs(states={"running"}, before=cursor, limit=1000)
+            for job in page:
+                self._in_flight[job.service] += 1
+                self._spawn(self._reattach_task(job))
+            if len(page) < 1000:
+                return
+            cursor = page[-1].seq
+
+    async def _reattach_task(self, job: Job) -> None:
+        try:
+            await self._reattach(job)
+        except StoreError as exc:
+            log.error("job %s: %s", job.id, exc)
+        finally:
+            self._in_flight[job.service] -= 1
+            self._wake.set()
+
+    async def _reattach(self, job: Job) -> None:
+        """Follow a started job again without starting it anew, or declare it lost."""
+        fresh = await self.store.get(job.id)
+        if not isinstance(fresh, Job) or fresh.state != "running":
+            return
+        job = fresh
+        if job.kind == "command":
+            body = _request(job, PAST)
+            deadline = self._clock() + self.settings.reattach_timeout
+            answers = 0
+            while self._clock() < deadline and not self._stop.is_set():
+                outcome, job = await self._follow(job, body, self.settings.liveness_timeout)
+                if outcome in ("done", "gone"):
+                    return
+                if outcome == "expired-running":
+                    answers += 1
+                    if answers >= max(2, 2 * self._workers_of.get(job.service, 1)):
+                        break
+                fresh = await self.store.get(job.id)
+                if not isinstance(fresh, Job) or fresh.terminal:
+                    return
+                job = fresh
+        if self._stop.is_set():
+            return  # the next start re-attaches it
+        lost = await self._apply(
+            job,
+            Event.REATTACH_FAILED,
+            message="its worker could not be reached or no longer knew the run",
+        )
+        if lost is not None and job.worker:
+            # So that it cannot go on unseen: the worker kills it, or never starts it.
+            await self._cancel_on_worker(job.id, job.service, job.worker)
+
+    async def _release_claims_of_previous_run(self, started: float) -> None:
+        """Claims older than our start are a previous run's; once their `start_by` (+ skew)
+        is surely past, nothing can start them any more: queue them again."""
+        if await self._sleep(self.settings.dispatch_timeout + SKEW):
+            return
+        released = await self.store.release_claims(before=started)
+        if released:
+            log.info("%d queued jobs claimed by an earlier run are queued again", released)
+            self._wake.set()
+
+    async def _mmi_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                services = await self.control.services()
+            except MMINotImplemented:
+                log.warning(
+                    "the broker has no mmi.services: %d requests per service in flight",
+                    self.settings.default_window,
+                )
+                self._mmi_ok = False
+                self._wake.set()
+                return
+            except (MDPError, ProtocolError) as exc:
+                log.debug("mmi.services: %s", exc)
+            else:
+                workers = {info.name: info.workers for info in services}
+                if workers != self._workers_of:
+                    self._workers_of = workers
+                    self._wake.set()
+            await self._sleep(self.settings.mmi_interval)
+
+    async def _cancel_on_worker(self, job_id: str, service: str, worker: dict[str, Any]) -> None:
+        """Send the command service's cancel message to the worker running `job_id`."""
+        name = worker.get("name")
+        if not name:
+            log.warning("job %s: its worker has no name; it cannot be cancelled", job_id)
+            return
+        address = f"{service}@{name}"
+        try:
+            validate_service_name(address.encode())
+            reply = await self.control.request(address, CancelRequest(cancel=job_id).pack())
+            outcome = parse_cancel_reply(reply).cancel
+        except (MDPError, BodyError) as exc:
+            log.warning("job %s: cancel via %s failed: %s", job_id, address, exc)
+            return
+        log.info("job %s: cancel via %s: %s", job_id, address, outcome)
+
+    # --- retention -----------------------------------------------------------------------
+
+    async def purge_once(self) -> int:
+        """Run retention until nothing is due (bounded batches). Returns rows removed."""
+        s = self.settings
+        removed = 0
+        while not self._stop.is_set():
+            now = self._clock()
+            counts = await self.store.purge(
+                output_before=now - s.keep,
+                output_failed_before=now - s.keep_failed,
+                record_before=now - s.keep_records,
+                record_failed_before=now - max(s.keep_records, s.keep_failed),
+                tombstone_before=now - s.keep_tombstones,
+                now=now,
+                batch=s.purge_batch,
+            )
+            removed += counts.total
+            if counts.total == 0:
+                break
+            await asyncio.sleep(0)  # submits and dispatches go between batches
+        return removed
+
+    async def _retention_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                removed = await self.purge_once()
+                if removed:
+                    log.info("retention removed %d rows", removed)
+            except StoreError as exc:
+                log.error("retention: %s", exc)
+            await self._sleep(self.settings.purge_interval)
+
+    # --- jobs.* --------------------------------------------------------------------------
+
+    async def submit(self, new: NewJob) -> SubmitOutcome:
+        """Commit a new job (durably) and wake the dispatcher."""
+        outcome = await self.store.submit(new)
+        if outcome.outcome == "created":
+            self._wake.set()
+        return outcome
+
+    async def _submit(self, request: Request) -> list[bytes]:
+        sub = wire.parse(wire.SubmitJob, request.body)
+        job_id = sub.id or uuid.uuid4().hex
+        if sub.request is not None:
+            kind: Any = "command"
+            body = [sub.request.model_copy(update={"request_id": job_id}).pack()]
+        else:
+            kind, body = "frames", list(sub.frames or ())
+        done = await self.submit(NewJob(job_id, kind, sub.service, body, self._clock()))
+        if done.outcome in ("conflict", "expired"):
+            return wire.answer(
+                done.outcome,
+                id=job_id,
+                message=(
+                    "this id names another job"
+                    if done.outcome == "conflict"
+                    else "this id belonged to a job that was purged; ids are not reused"
+                ),
+            )
+        assert done.job is not None
+        return wire.answer(id=job_id, state=done.job.state, created=done.outcome == "created")
+
+    async def _status(self, request: Request) -> list[bytes]:
+        asked = wire.parse(wire.StatusOfJobs, request.body)
+        jobs = [
+            wire.lookup_map(job_id, await self.store.get(job_id), with_request=True)
+            for job_id in asked.ids
+        ]
+        return wire.answer(jobs=jobs)
+
+    async def _result(self, request: Request) -> list[bytes]:
+        asked = wire.parse(wire.JobResult, request.body)
+        deadline = self._clock() + asked.wait
+        while True:
+            found = await self.store.get(asked.id)
+            if not isinstance(found, Job) or found.terminal or self._clock() >= deadline:
+                break
+            await self._changed(asked.id, deadline - self._clock())
+        out: dict[str, Any] = {"job": wire.lookup_map(asked.id, found, with_request=False)}
+        if isinstance(found, Job) and found.terminal and found.result is not None:
+            if found.kind == "command":
+                try:
+                    out["result"] = unpack_map(found.result[0])
+                except BodyError:
+                    out["frames"] = found.result
+            else:
+                out["frames"] = found.result
+        return wire.answer(**out)
+
+    async def _logs(self, request: Request) -> list[bytes]:
+        asked = wire.parse(wire.JobLogs, request.body)
+        deadline = self._clock() + asked.wait
+        while True:
+            found = await self.store.get(asked.id)
+            chunks = (
+                await self.store.output(asked.id, asked.from_, asked.limit)
+                if isinstance(found, Job)
+                else []
+            )
+            active = isinstance(found, Job) and found.state in ACTIVE
+            if chunks or not active or self._clock() >= deadline:
+                break
+            await self._changed(asked.id, deadline - self._clock())
+        state = wire.lookup_map(asked.id, found, with_request=False)["state"]
+        following = chunks[-1].n + 1 if chunks else asked.from_
+        done = not active and (not isinstance(found, Job) or following >= found.output_chunks)
+        return wire.answer(
+            state=state,
+            chunks=[{"n": c.n, "stream": c.stream, "data": c.data} for c in chunks],
+            next=following,
+            done=done,
+        )
+
+    async def cancel(self, job_id: str) -> tuple[str, str]:
+        """Cancel one job: (its state now, what the cancel did), as jobs.cancel answers."""
+        found = await self.store.get(job_id)
+        if found is None:
+            return "unknown", "unknown"
+        if isinstance(found, Tombstone):
+            return "expired", "expired"
+        if found.terminal:
+            return found.state, "finished"
+        updated = await self._apply(found, Event.CANCEL)
+        if updated is None:
+            fresh = await self.store.get(job_id)
+            state = fresh.state if isinstance(fresh, Job) else "expired"
+            return state, "finished"
+        if updated.state == "cancelled":
+            return "cancelled", "cancelled"
+        self._cancel_requested.add(job_id)
+        if updated.worker:
+            self._spawn(self._cancel_on_worker(job_id, updated.service, updated.worker))
+        return updated.state, "requested"
+
+    async def _cancel_jobs(self, request: Request) -> list[bytes]:
+        asked = wire.parse(wire.CancelJobs, request.body)
+        jobs = []
+        for job_id in asked.ids:
+            state, outcome = await self.cancel(job_id)
+            jobs.append({"id": job_id, "state": state, "cancel": outcome})
+        return wire.answer(jobs=jobs)
+
+    async def _list(self, request: Request) -> list[bytes]:
+        asked = wire.parse(wire.ListJobs, request.body)
+        jobs = await self.store.list_jobs(
+            states=asked.state,
+            service=asked.service,
+            since=asked.since,
+            before=asked.before,
+            limit=asked.limit,
+        )
+        out: dict[str, Any] = {"jobs": [wire.job_map(job) for job in jobs]}
+        if len(jobs) == asked.limit:
+            out["next"] = jobs[-1].seq
+        return wire.answer(**out)
+
+    # --- titanic.* (RFC 9) ---------------------------------------------------------------
+
+    async def _titanic_request(self, request: Request) -> list[bytes]:
+        return await titanic.request(self, request.body)
+
+    async def _titanic_reply(self, request: Request) -> list[bytes]:
+        return await titanic.reply(self, request.body)
+
+    async def _titanic_close(self, request: Request) -> list[bytes]:
+        return await titanic.close(self, request.body)
+
+
+def _guarded(
+    handler: Callable[[Request], Awaitable[list[bytes]]],
+) -> Callable[[Request], Awaitable[list[bytes]]]:
+    """A jobs.* handler whose bad input and store failures become answers, not exceptions."""
+
+    async def guarded(request: Request) -> list[bytes]:
+        try:
+            return await handler(request)
+        except BodyError as exc:
+            return wire.error_answer(exc)
+        except StoreError as exc:
+            log.error("%s: %s", request.service, exc)
+            return wire.answer("error", message=str(exc))
+
+    return guarded
+
+
+def _request(job: Job, start_by: float) -> list[bytes]:
+    """The body to send for `job`: a command gets this attempt's `start_by`."""
+    if job.kind != "command":
+        return list(job.request)
+    body = msgpack.unpackb(job.request[0], raw=False)
+    body["start_by"] = start_by
+    return [pack(body)]
+
+
+def _interpret(kind: str, frames: list[bytes]) -> tuple[str, int | None, str | None]:
+    """(job state word, exit code, message) for a FINAL body."""
+    try:
+        result = parse_result(frames)
+    except BodyError:
+        if kind == "frames":
+            return "ok", None, None  # RFC 9: any reply is the reply
+        return "error", None, "the service answered with a body that is not a command result"
+    return result.status, result.exit_code, result.message
