@@ -14,13 +14,15 @@ from services.jobs.store import JobStore, open_store
 StoreFactory = Callable[[], Awaitable[JobStore]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 async def store_factory(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[StoreFactory]:
     """Opens stores on one fresh database; every store opened is closed at the end."""
     if request.param == "sqlite":
         location = str(tmp_path / "jobs.sqlite3")
+    elif request.param == "postgres":
+        location = request.getfixturevalue("pg_url")
     else:  # pragma: no cover - other implementations add their branch here
         raise AssertionError(request.param)
     opened: list[JobStore] = []
