@@ -7,9 +7,11 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -81,15 +83,43 @@ Exit codes:
     show_envvar=True,
     metavar="ENDPOINT",
     callback=endpoint_callback(),
-    help="The broker's ZeroMQ endpoint.",
+    help="The broker's ZeroMQ endpoint: jobs.* are served there and jobs are sent through it.",
+)
+@click.option(
+    "--also-broker",
+    multiple=True,
+    show_envvar=True,
+    metavar="ENDPOINT",
+    callback=endpoint_callback(),
+    help="Serve jobs.* and titanic.* on this broker too (repeatable), so clients of any of "
+    "several brokers reach this job service. Jobs are still sent through --broker.",
 )
 @click.option(
     "--db",
-    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     show_envvar=True,
-    help="The job database (SQLite; created with its directory if missing). "
+    metavar="PATH|URL",
+    help="The job database: an SQLite file (created with its directory if missing), or "
+    "postgresql://USER@HOST:PORT/DBNAME to share one PostgreSQL database between several "
+    "job services (the [postgres] extra; the schema is created and migrated on start). "
     "[default: $XDG_STATE_HOME/mdp/jobs.sqlite3, i.e. ~/.local/state/mdp/jobs.sqlite3]",
+)
+@click.option(
+    "--name",
+    default=None,
+    show_envvar=True,
+    help="This job service's name in the database: who holds the running jobs it follows. "
+    "Give each job service sharing a PostgreSQL database its own, and keep it across "
+    "restarts (a restart then takes its running jobs back at once). [default: host name]",
+)
+@click.option(
+    "--lease",
+    type=Duration(),
+    default="10s",
+    show_default=True,
+    show_envvar=True,
+    help="With a shared database: a running job's lease, renewed every third of it. When a "
+    "job service dies, another takes its running jobs over this long after its last renewal.",
 )
 @click.option(
     "--keep",
@@ -209,7 +239,10 @@ Exit codes:
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-jobs")
 def main(
     broker: str,
-    db: Path | None,
+    also_broker: tuple[str, ...],
+    db: str | None,
+    name: str | None,
+    lease: float,
     keep: float,
     keep_failed: float,
     keep_records: float,
@@ -243,6 +276,8 @@ def main(
     Examples:
       mdp-jobs --broker tcp://127.0.0.1:5555
       mdp-jobs --db /var/lib/mdp/jobs.sqlite3 --keep 2d --keep-failed 14d
+      mdp-jobs --broker tcp://b1:5555 --also-broker tcp://b2:5555 --name jobs-a \\
+               --db postgresql://mdp@db.example/mdp
     """
     logs.configure(log_level, log_json)
     if log_level.upper() != "DEBUG":
@@ -266,12 +301,15 @@ def main(
             keep_tombstones=keep_tombstones,
             purge_interval=purge_interval,
             purge_batch=purge_batch,
+            lease=lease,
+            also_serve_on=also_broker,
+            name=name or socket.gethostname(),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    path = db or default_db()
+    location = db or str(default_db())
     try:
-        asyncio.run(serve(str(path), settings))
+        asyncio.run(serve(location, settings))
     except (StoreCorrupt, StoreError) as exc:
         click.echo(f"mdp-jobs: {exc}", err=True)
         sys.exit(EXIT_UNUSABLE_DB)
@@ -290,7 +328,18 @@ async def serve(location: str, settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, manager.stop)
-        log.info("job store %s (pid %d)", location, os.getpid())
+        log.info(
+            "job store %s as %r (pid %d)", _without_password(location), settings.name, os.getpid()
+        )
         await manager.run()
     finally:
         await store.close()
+
+
+def _without_password(location: str) -> str:
+    """A database URL fit for logs: any password replaced by ***."""
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

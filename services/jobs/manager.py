@@ -18,6 +18,18 @@ The life of a job in this process
    answers `expired` and runs nothing. If no worker knows it, the job is `lost` (and a cancel is
    sent to its worker, so it can never finish unseen).
 
+Several job services on one database (PostgreSQL, `store.shared`)
+-----------------------------------------------------------------
+Each `mdp-jobs` has a name (`--name`, the owner written in the store). Claims are the store's
+(`SKIP LOCKED`: a queued job goes to exactly one of them). A job that said `started` is held
+by the job service that follows it, with a lease (`--lease`) it renews every third of it
+(`_lease_loop`); the same loop takes over the running jobs whose lease ran out -- their job
+service died -- and re-attaches them like a restart would, releases queued claims that are
+surely dead (older than their `start_by` + skew), and so on every `--lease / 3`. A job service
+that restarts under the same name takes its own running jobs back at once. Changes made by
+the others reach long polls and the dispatch loop as store notifications (`subscribe`); the
+polls every WAIT_SLICE and every second stay, so a lost notification only delays.
+
 Every wait is bounded; the store is the only state that matters across restarts.
 """
 
@@ -25,12 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
+import socket
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -79,6 +94,8 @@ CONTROL_TIMEOUT = 2.0
 """Seconds to wait for the broker's MMI or a worker's answer to a cancel."""
 WAIT_SLICE = 0.5
 """Long polls re-read the store at least this often (another manager may change a job)."""
+TAKE_OVER_BATCH = 100
+"""Running jobs taken over (and re-attached) per store call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +121,25 @@ class Settings:
     purge_interval: float = 60.0
     purge_batch: int = 1000
     grace: float = 5.0
+    name: str = field(default_factory=socket.gethostname)
+    """Who holds the jobs this process follows (the store's `owner`); unique per job service
+    sharing one database, stable across its restarts."""
+    lease: float = 10.0
+    """A running job's owner renews its lease every third of this; another job service takes
+    the job over when it runs out (the owner died)."""
+    also_serve_on: Sequence[str] = ()
+    """More brokers on which jobs.* and titanic.* are served (dispatch goes via `broker`)."""
 
     def __post_init__(self) -> None:
         if self.keep_records < self.keep:
             raise ValueError("--keep-records must be at least --keep")
-        for name in ("dispatch_timeout", "liveness_timeout", "mmi_interval", "purge_interval"):
+        for name in (
+            "dispatch_timeout",
+            "liveness_timeout",
+            "mmi_interval",
+            "purge_interval",
+            "lease",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -156,7 +187,10 @@ class JobManager:
         self._mmi_ok = True
         self._cancel_requested: set[str] = set()
         self._watchers: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self._following: set[str] = set()
+        """Running jobs this process follows and holds the lease of."""
         self.dispatched = 0
+        self.taken_over = 0
 
     # --- life ----------------------------------------------------------------------------
 
@@ -176,6 +210,7 @@ class JobManager:
         if released:
             log.info("%d queued jobs claimed by an earlier run are queued again", released)
         self._spawn(self._release_claims_of_previous_run(started))
+        self.store.subscribe(self._store_changed)
         await self._reattach_running()
         options = WorkerOptions(
             broker=s.broker,
@@ -185,12 +220,19 @@ class JobManager:
             socket_options=s.socket_options,
         )
         self.workers = [
-            Worker(service, options, context=self._context, worker_id=f"{service.name}#{i}")
+            Worker(
+                service,
+                dataclasses.replace(options, broker=broker),
+                context=self._context,
+                worker_id=f"{service.name}#{i}" + (f"@{b}" if b else ""),
+            )
+            for b, broker in enumerate((s.broker, *s.also_serve_on))
             for service, count in self._services()
             for i in range(count)
         ]
         loops = [
             asyncio.create_task(self._dispatch_loop(), name="jobs-dispatch"),
+            asyncio.create_task(self._lease_loop(), name="jobs-lease"),
             asyncio.create_task(self._mmi_loop(), name="jobs-mmi"),
             asyncio.create_task(self._retention_loop(), name="jobs-retention"),
         ]
@@ -280,7 +322,13 @@ class JobManager:
             decision = step(job.state, event, at=self._clock(), **payload)
             if decision is None:
                 return None
-            updated = await self.store.update(job.id, decision.expect, **decision.changes)
+            changes = decision.changes
+            if event is Event.STARTED:
+                # The run is ours to follow: hold it with a lease (renewed by _lease_loop).
+                lease_until = self._clock() + self.settings.lease
+                changes = {**changes, "owner": self.settings.name, "lease_until": lease_until}
+                self._following.add(job.id)
+            updated = await self.store.update(job.id, decision.expect, **changes)
             if updated is not None:
                 self._notify(job.id)
                 return updated
@@ -309,7 +357,10 @@ class JobManager:
                 ]
                 now = self._clock()
                 claims = await asyncio.gather(
-                    *(self.store.claim(service, free, now) for service, free in wanted)
+                    *(
+                        self.store.claim(service, free, now, owner=self.settings.name)
+                        for service, free in wanted
+                    )
                 )
             except StoreError as exc:
                 log.error("dispatch: %s", exc)
@@ -319,6 +370,7 @@ class JobManager:
                 for job in jobs:
                     self._in_flight[job.service] += 1
                     self._spawn(self._dispatch(job))
+
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 
@@ -337,6 +389,7 @@ class JobManager:
             log.error("job %s: %s", job.id, exc)
         finally:
             self._in_flight[job.service] -= 1
+            self._following.discard(job.id)
             self._wake.set()
 
     async def _follow(self, job: Job, body: list[bytes], first_silence: float) -> tuple[str, Job]:
@@ -403,16 +456,63 @@ class JobManager:
         return job
 
     async def _reattach_running(self) -> None:
-        """At start: every `running` job gets a re-attach task (spec/jobs.md §4)."""
-        cursor: int | None = None
-        while True:
-            page = await self.store.list_jobs(states={"running"}, before=cursor, limit=1000)
-            for job in page:
-                self._in_flight[job.service] += 1
-                self._spawn(self._reattach_task(job))
-            if len(page) < 1000:
-                return
-            cursor = page[-1].seq
+        """At start: every `running` job that is ours gets a re-attach task (spec/jobs.md §4):
+        all of them in a store only we use; with peers, those of our name (our previous run)
+        and those whose lease ran out."""
+        now = self._clock() if self.store.shared else math.inf
+        while await self._take_over(now, own=True) == TAKE_OVER_BATCH:
+            pass
+
+    async def _take_over(self, now: float, *, own: bool = False) -> int:
+        """Take over (and re-attach) a batch of running jobs whose lease ran out."""
+        jobs = await self.store.take_over(
+            self.settings.name,
+            now,
+            self._clock() + self.settings.lease,
+            TAKE_OVER_BATCH,
+            own=own,
+        )
+        for job in jobs:
+            if job.id in self._following:
+                continue  # already ours and followed (our lease just lapsed)
+            if own is False or job.owner != self.settings.name:
+                log.info("job %s: taken over (its job service stopped renewing)", job.id)
+            self.taken_over += 1
+            self._following.add(job.id)
+            self._in_flight[job.service] += 1
+            self._spawn(self._reattach_task(job))
+        return len(jobs)
+
+    async def _lease_loop(self) -> None:
+        """Renew the leases of the runs we follow; take over the runs of dead peers; release
+        queued claims that can no longer start (a dead peer's)."""
+        s = self.settings
+        while not await self._sleep(s.lease / 3):
+            try:
+                now = self._clock()
+                if self._following:
+                    held = await self.store.renew(s.name, set(self._following), now + s.lease)
+                    for lost in self._following - held:
+                        # Another job service took it over (we could not renew in time) or it
+                        # ended: it follows the run now; ours ends at its next event.
+                        self._following.discard(lost)
+                if self.store.shared:
+                    await self._take_over(now)
+                    released = await self.store.release_claims(
+                        before=now - s.dispatch_timeout - SKEW
+                    )
+                    if released:
+                        log.info("%d stale claims released (a job service stopped)", released)
+                        self._wake.set()
+            except StoreError as exc:
+                log.warning("leases: %s", exc)
+
+    def _store_changed(self, kind: str, job_id: str) -> None:
+        """A hint from the store: another process changed something."""
+        if kind == "queued":
+            self._wake.set()
+        elif job_id:
+            self._notify(job_id)
 
     async def _reattach_task(self, job: Job) -> None:
         try:
@@ -421,6 +521,7 @@ class JobManager:
             log.error("job %s: %s", job.id, exc)
         finally:
             self._in_flight[job.service] -= 1
+            self._following.discard(job.id)
             self._wake.set()
 
     async def _reattach(self, job: Job) -> None:

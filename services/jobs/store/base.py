@@ -20,7 +20,7 @@ Rules every implementation keeps:
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,6 +66,8 @@ UPDATABLE = frozenset(
         "exit_code",
         "message",
         "cancel_requested",
+        "owner",
+        "lease_until",
     }
 )
 """The fields `JobStore.update()` may change."""
@@ -127,6 +129,11 @@ class Job:
     """Some output chunks were not stored: the per-job cap was reached."""
     output_purged: bool = False
     """Retention removed the stored output and the FINAL body (the record remains)."""
+    owner: str | None = None
+    """The job service (`mdp-jobs --name`) that claimed the job or follows its run."""
+    lease_until: float | None = None
+    """A running job is its owner's until then; it renews the lease while it follows the run.
+    Past it (the owner died), another job service takes the job over (`take_over`)."""
 
     @property
     def terminal(self) -> bool:
@@ -183,6 +190,17 @@ class PurgeCounts:
 class JobStore(abc.ABC):
     """The async interface of a job store. Every method is one transaction."""
 
+    shared: bool = False
+    """True when several processes may use the store at once (PostgreSQL): running jobs are
+    then held by leases and taken over when their owner dies. False (SQLite): the one process
+    that opened the store owns every job."""
+
+    def subscribe(self, callback: Callable[[str, str], None]) -> None:  # noqa: B027
+        """Call `callback(kind, job_id)` when ANOTHER process changed the store: kind `queued`
+        (a job became claimable; job_id may be empty) or `job` (that job changed or got
+        output). Only a hint that may be lost: callers poll too. Default: never called (a
+        store only one process uses)."""
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Open (creating or migrating the schema). Raises StoreCorrupt, untouched, for a
@@ -199,9 +217,24 @@ class JobStore(abc.ABC):
         """Store a new `queued` job, idempotently on its id (see SubmitOutcome)."""
 
     @abc.abstractmethod
-    async def claim(self, service: str, limit: int, now: float) -> list[Job]:
+    async def claim(self, service: str, limit: int, now: float, owner: str = "") -> list[Job]:
         """Take up to `limit` of the oldest unclaimed `queued` jobs of `service`, in order:
-        mark them claimed at `now` and count an attempt. The caller dispatches them."""
+        mark them claimed at `now` by `owner` and count an attempt. The caller dispatches them.
+        Two callers at once (even in two processes) never get the same job."""
+
+    @abc.abstractmethod
+    async def renew(self, owner: str, ids: Collection[str], until: float) -> set[str]:
+        """Extend to `until` the leases of the `running` jobs in `ids` that `owner` holds. The
+        ids still held (a job missing was taken over, or ended)."""
+
+    @abc.abstractmethod
+    async def take_over(
+        self, owner: str, now: float, until: float, limit: int, *, own: bool = False
+    ) -> list[Job]:
+        """Give `owner`, with a lease until `until`, up to `limit` `running` jobs whose lease
+        ran out before `now` (or that have none) -- and with `own`, also those `owner` already
+        holds (a restarted job service of the same name takes its own back at once). The
+        caller re-attaches them (spec/jobs.md §4)."""
 
     @abc.abstractmethod
     async def release_claims(self, before: float) -> int:

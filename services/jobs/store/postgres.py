@@ -177,6 +177,8 @@ def _job(row: Sequence[Any]) -> Job:
         output_bytes=row[17],
         output_truncated=bool(row[18]),
         output_purged=bool(row[19]),
+        owner=row[20],
+        lease_until=row[21],
     )
 
 
@@ -449,6 +451,37 @@ class PostgresStore(JobStore):
                 "AND claimed IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) "
                 f"RETURNING {_COLUMNS}",
                 (now, owner or None, service, max(0, limit)),
+            )
+            return sorted((_job(row) for row in await cur.fetchall()), key=lambda j: j.seq)
+
+        return await self._transaction(op)
+
+    async def renew(self, owner: str, ids: Collection[str], until: float) -> set[str]:
+        wanted = list(ids)
+        if not wanted:
+            return set()
+
+        async def op(conn: Conn) -> set[str]:
+            cur = await conn.execute(
+                "UPDATE mdp_jobs SET lease_until = %s WHERE state = 'running' AND owner = %s "
+                "AND id = ANY(%s) RETURNING id",
+                (until, owner, wanted),
+            )
+            return {row[0] for row in await cur.fetchall()}
+
+        return await self._transaction(op)
+
+    async def take_over(
+        self, owner: str, now: float, until: float, limit: int, *, own: bool = False
+    ) -> list[Job]:
+        async def op(conn: Conn) -> list[Job]:
+            # SKIP LOCKED: two job services taking over at once split the orphans.
+            cur = await conn.execute(
+                "UPDATE mdp_jobs SET owner = %s, lease_until = %s WHERE seq IN ("
+                "SELECT seq FROM mdp_jobs WHERE state = 'running' AND (lease_until IS NULL "
+                "OR lease_until < %s OR (%s AND owner = %s)) ORDER BY seq LIMIT %s "
+                f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                (owner, until, now, own, owner, max(0, limit)),
             )
             return sorted((_job(row) for row in await cur.fetchall()), key=lambda j: j.seq)
 

@@ -111,13 +111,19 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX tombstones_purged ON tombstones (purged);
     """,
+    # 1 -> 2: who holds a job, and until when (several job services on one database share
+    # the schema's meaning with the PostgreSQL store; here one process holds them all).
+    """
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "seq, id, kind, service, request, state, created, attempts, claimed, started, worker, "
     "finished, result, exit_code, message, cancel_requested, output_chunks, output_bytes, "
-    "output_truncated, output_purged"
+    "output_truncated, output_purged, owner, lease_until"
 )
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
 _FAILED_SQL = ", ".join(f"'{s}'" for s in sorted(FAILED))
@@ -153,6 +159,8 @@ def _job(row: Sequence[Any]) -> Job:
         output_bytes=row[17],
         output_truncated=bool(row[18]),
         output_purged=bool(row[19]),
+        owner=row[20],
+        lease_until=row[21],
     )
 
 
@@ -452,14 +460,46 @@ class SQLiteStore(JobStore):
 
         return await self._write(op)
 
-    async def claim(self, service: str, limit: int, now: float) -> list[Job]:
+    async def claim(self, service: str, limit: int, now: float, owner: str = "") -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
-                f"UPDATE jobs SET claimed = ?, attempts = attempts + 1 WHERE seq IN ("
+                "UPDATE jobs SET claimed = ?, attempts = attempts + 1, owner = ? WHERE seq IN ("
                 "SELECT seq FROM jobs WHERE service = ? AND state = 'queued' "
                 "AND claimed IS NULL ORDER BY seq LIMIT ?) "
                 f"RETURNING {_COLUMNS}",
-                (now, service, limit),
+                (now, owner or None, service, limit),
+            ).fetchall()
+            return sorted((_job(row) for row in rows), key=lambda j: j.seq)
+
+        return await self._write(op)
+
+    async def renew(self, owner: str, ids: Collection[str], until: float) -> set[str]:
+        wanted = list(ids)
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            held: set[str] = set()
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                rows = conn.execute(
+                    f"UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ? "
+                    f"AND id IN ({', '.join('?' * len(part))}) RETURNING id",
+                    (until, owner, *part),
+                ).fetchall()
+                held.update(row[0] for row in rows)
+            return held
+
+        return await self._write(op)
+
+    async def take_over(
+        self, owner: str, now: float, until: float, limit: int, *, own: bool = False
+    ) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "UPDATE jobs SET owner = ?, lease_until = ? WHERE seq IN ("
+                "SELECT seq FROM jobs WHERE state = 'running' AND (lease_until IS NULL "
+                "OR lease_until < ? OR (? AND owner = ?)) ORDER BY seq LIMIT ?) "
+                f"RETURNING {_COLUMNS}",
+                (owner, until, now, int(own), owner, limit),
             ).fetchall()
             return sorted((_job(row) for row in rows), key=lambda j: j.seq)
 

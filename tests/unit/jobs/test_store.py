@@ -276,3 +276,63 @@ async def test_counts_by_state(store: JobStore) -> None:
         await store.submit(new(f"j{i}"))
     await finish(store, "j0", "ok", T0)
     assert await store.counts() == {"queued": 2, "ok": 1}
+
+
+async def start(store: JobStore, job_id: str, owner: str, until: float) -> Job:
+    job = await store.update(
+        job_id, {"queued"}, state="running", started=T0, owner=owner, lease_until=until
+    )
+    assert job is not None and (job.owner, job.lease_until) == (owner, until)
+    return job
+
+
+async def test_claim_records_the_owner(store: JobStore) -> None:
+    await store.submit(new("a"))
+    [job] = await store.claim("shell", 1, T0, owner="jobs-1")
+    assert job.owner == "jobs-1"
+
+
+async def test_renew_extends_only_the_owners_running_jobs(store: JobStore) -> None:
+    for job_id in ("mine", "theirs", "queued"):
+        await store.submit(new(job_id))
+    await start(store, "mine", "a", T0 + 10)
+    await start(store, "theirs", "b", T0 + 10)
+    held = await store.renew("a", ["mine", "theirs", "queued", "nope"], T0 + 20)
+    assert held == {"mine"}
+    mine, theirs = await store.get("mine"), await store.get("theirs")
+    assert isinstance(mine, Job) and mine.lease_until == T0 + 20
+    assert isinstance(theirs, Job) and theirs.lease_until == T0 + 10
+    assert await store.renew("a", [], T0 + 30) == set()
+
+
+async def test_take_over_gives_expired_leases_to_a_new_owner(store: JobStore) -> None:
+    for job_id in ("expired", "live", "own", "queued"):
+        await store.submit(new(job_id))
+    await start(store, "expired", "dead", T0 + 5)
+    await start(store, "live", "alive", T0 + 50)
+    await start(store, "own", "me", T0 + 50)
+    taken = await store.take_over("me", T0 + 10, T0 + 20, 100)
+    assert [(j.id, j.owner, j.lease_until) for j in taken] == [("expired", "me", T0 + 20)]
+    assert await store.take_over("other", T0 + 10, T0 + 20, 100) == []
+    # A restarted job service takes its own jobs back at once, never a live peer's.
+    again = await store.take_over("me", T0 + 11, T0 + 21, 100, own=True)
+    assert sorted(j.id for j in again) == ["expired", "own"]
+    assert await store.renew("me", ["expired", "own", "live"], T0 + 30) == {"expired", "own"}
+
+
+async def test_take_over_is_bounded_and_leaves_no_job_to_two_owners(
+    store_factory: StoreFactory,
+) -> None:
+    first, second = await store_factory(), await store_factory()
+    for i in range(20):
+        await first.submit(new(f"j{i:02}"))
+        await start(first, f"j{i:02}", "dead", T0)
+    assert len(await first.take_over("x", T0 + 1, T0 + 9, 5)) == 5
+    rounds = await asyncio.gather(
+        *(
+            store.take_over(name, T0 + 1, T0 + 9, 3)
+            for store, name in [(first, "a"), (second, "b")] * 4
+        )
+    )
+    ids = [j.id for taken in rounds for j in taken]
+    assert len(ids) == len(set(ids)) == 15
