@@ -440,3 +440,10 @@ def _no_broker(connection: Connection) -> NoReturn:
         f"({tries} attempt{'s' if tries > 1 else ''}, {connection.timeout:g} s each)",
         ExitCode.UNAVAILABLE,
     )
+
+
+# The job subcommands (submit, status, jobs, wait, result, logs, cancel, rerun) live in their
+# own module; imported last because they build on the pieces above.
+from clients.jobs_cli import register as _register_job_commands  # noqa: E402
+
+_register_job_commands(main)

@@ -129,6 +129,9 @@ class Settings:
     the job over when it runs out (the owner died)."""
     also_serve_on: Sequence[str] = ()
     """More brokers on which jobs.* and titanic.* are served (dispatch goes via `broker`)."""
+    previous_run_gone: bool = False
+    """The broker and workers an earlier run dispatched to are gone (embedded use): its
+    claims are released at once instead of after the dispatch timeout."""
 
     def __post_init__(self) -> None:
         if self.keep_records < self.keep:
@@ -206,10 +209,12 @@ class JobManager:
         """Serve until `stop()`. The store must be open; it is left open."""
         started = self._clock()
         s = self.settings
-        released = await self.store.release_claims(before=started - s.dispatch_timeout - SKEW)
+        horizon = started if s.previous_run_gone else started - s.dispatch_timeout - SKEW
+        released = await self.store.release_claims(before=horizon)
         if released:
             log.info("%d queued jobs claimed by an earlier run are queued again", released)
-        self._spawn(self._release_claims_of_previous_run(started))
+        if not s.previous_run_gone:
+            self._spawn(self._release_claims_of_previous_run(started))
         self.store.subscribe(self._store_changed)
         await self._reattach_running()
         options = WorkerOptions(
@@ -684,7 +689,7 @@ class JobManager:
             if not isinstance(found, Job) or found.terminal or self._clock() >= deadline:
                 break
             await self._changed(asked.id, deadline - self._clock())
-        out: dict[str, Any] = {"job": wire.lookup_map(asked.id, found, with_request=False)}
+        out: dict[str, Any] = {"job": wire.lookup_map(asked.id, found, with_request=True)}
         if isinstance(found, Job) and found.terminal and found.result is not None:
             if found.kind == "command":
                 try:
