@@ -419,15 +419,36 @@ def list_jobs(
 async def _results(
     api: JobsAPI, ids: Sequence[str], wait: bool, report: Report
 ) -> list[CommandOutcome]:
-    async def one(index: int, job_id: str) -> CommandOutcome:
-        while True:
-            entry = await api.result(job_id, wait=WAIT_SLICE if wait else 0.0)
-            if not wait or entry["job"]["state"] not in ("queued", "running"):
-                outcome = outcome_of(index, entry)
-                report.finished(outcome)
-                return outcome
-
-    return list(await asyncio.gather(*(one(i, job_id) for i, job_id in enumerate(ids))))
+    """Each job's outcome, reported as it is known. Waiting polls jobs.status for all the
+    pending ids at once (one request per 1,000), so no number of ids holds mdp-jobs'
+    connections; a single id is long-polled with jobs.result instead."""
+    outcomes: dict[int, CommandOutcome] = {}
+    pending = dict(enumerate(ids))
+    pause = 0.05
+    while pending:
+        if wait and len(pending) > 1:
+            listed = list(pending.items())
+            entries: list[dict[str, Any]] = []
+            for start in range(0, len(listed), 1000):
+                entries += await api.status([job_id for _, job_id in listed[start : start + 1000]])
+            ready = [
+                index
+                for (index, _), entry in zip(listed, entries, strict=True)
+                if entry["state"] not in ("queued", "running")
+            ]
+        else:
+            ready = list(pending)
+        for index in ready:
+            entry = await api.result(pending[index], wait=WAIT_SLICE if wait else 0.0)
+            if wait and entry["job"]["state"] in ("queued", "running"):
+                continue
+            outcomes[index] = outcome_of(index, entry)
+            report.finished(outcomes[index])
+            del pending[index]
+        if pending and len(pending) > 1:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+    return [outcomes[index] for index in sorted(outcomes)]
 
 
 def _results_command(wait: bool) -> Callable[..., None]:

@@ -647,7 +647,11 @@ class JobManager:
     async def submit(self, new: NewJob) -> SubmitOutcome:
         """Commit a new job (durably) and wake the dispatcher."""
         outcome = await self.store.submit(new)
-        if outcome.outcome == "created":
+        if (
+            outcome.outcome == "created"
+            and self._window(new.service) > self._in_flight[new.service]
+        ):
+            # Only when it could be dispatched now: a full window wakes the loop as it drains.
             self._wake.set()
         return outcome
 

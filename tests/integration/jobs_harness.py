@@ -13,7 +13,17 @@ import msgpack
 from tests.integration.test_worker_harness import HEARTBEAT_ARGS, RawClient, workers_of
 from tests.support import Process, script, wait_until
 
-TEST_JOBS_ARGS = ["--dispatch-timeout", "2", "--liveness-timeout", "2"]
+# Few connections: with the tests' 100 ms heartbeats, each one costs mdp-jobs 20 messages/s.
+TEST_JOBS_ARGS = [
+    "--dispatch-timeout",
+    "2",
+    "--liveness-timeout",
+    "2",
+    "--submit-connections",
+    "4",
+    "--read-connections",
+    "2",
+]
 if os.environ.get("MDP_JOBS_TEST_DEBUG"):
     TEST_JOBS_ARGS += ["--log-level", "DEBUG"]
 
