@@ -56,7 +56,7 @@ from mdp.client import Client
 from mdp.errors import MDPError, ProtocolError
 from mdp.mmi import MMINotImplemented
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, validate_service_name
-from mdp.worker import Request, Service, Worker, WorkerOptions
+from mdp.worker import Request, Service, WorkerOptions
 from services.bodies import (
     BodyError,
     CancelRequest,
@@ -70,6 +70,7 @@ from services.bodies import (
 )
 from services.jobs import titanic, wire
 from services.jobs.core import Event, step
+from services.jobs.pool import WorkerPool
 from services.jobs.store.base import (
     ACTIVE,
     Job,
@@ -179,7 +180,7 @@ class JobManager:
             context=self._context,
             socket_options=settings.socket_options,
         )
-        self.workers: list[Worker] = []
+        self.pools: list[WorkerPool] = []
         self.ready = asyncio.Event()
         """Set once the store is open, claims released and the workers started."""
         self._stop = asyncio.Event()
@@ -224,16 +225,15 @@ class JobManager:
             grace=s.grace,
             socket_options=s.socket_options,
         )
-        self.workers = [
-            Worker(
-                service,
+        # One pool of connections per broker: every jobs.* and titanic.* connection on this
+        # loop, without a future per message (services/jobs/pool.py).
+        self.pools = [
+            WorkerPool(
+                self._services(),
                 dataclasses.replace(options, broker=broker),
                 context=self._context,
-                worker_id=f"{service.name}#{i}" + (f"@{b}" if b else ""),
             )
-            for b, broker in enumerate((s.broker, *s.also_serve_on))
-            for service, count in self._services()
-            for i in range(count)
+            for broker in (s.broker, *s.also_serve_on)
         ]
         loops = [
             asyncio.create_task(self._dispatch_loop(), name="jobs-dispatch"),
@@ -241,14 +241,14 @@ class JobManager:
             asyncio.create_task(self._mmi_loop(), name="jobs-mmi"),
             asyncio.create_task(self._retention_loop(), name="jobs-retention"),
         ]
-        runs = [asyncio.create_task(w.run(), name=w.worker_id) for w in self.workers]
+        runs = [asyncio.create_task(pool.run(), name="jobs-serve") for pool in self.pools]
         self.ready.set()
         log.info("serving jobs.* and titanic.* on %s", s.broker)
         try:
             await self._stop.wait()
         finally:
-            for worker in self.workers:
-                worker.stop(s.grace)
+            for pool in self.pools:
+                pool.stop(s.grace)
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)

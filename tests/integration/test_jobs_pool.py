@@ -1,0 +1,78 @@
+"""services/jobs/pool.py: many worker connections on one loop, against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from mdp.worker import Request, Service, WorkerOptions
+from services.jobs.pool import WorkerPool
+from tests.integration.test_worker_harness import RawClient, workers_of
+from tests.support import TEST_HEARTBEAT_MS, TEST_LIVENESS, free_tcp_endpoint, start_broker
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def upper(request: Request) -> list[bytes]:
+    if request.body == [b"boom"]:
+        raise ValueError("boom")
+    if request.body == [b"slow"]:
+        await asyncio.sleep(0.5)
+    await request.partial([b"working"])
+    return [frame.upper() for frame in request.body]
+
+
+def options(endpoint: str) -> WorkerOptions:
+    return WorkerOptions(
+        broker=endpoint,
+        heartbeat_interval=TEST_HEARTBEAT_MS / 1000,
+        liveness=TEST_LIVENESS,
+        grace=1.0,
+    )
+
+
+async def until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def ask(endpoint: str, body: bytes) -> list[bytes]:
+    with RawClient(endpoint) as client:
+        partials, final = client.request("upper", [body], timeout=10)
+        return [*(p.body[0] for _, p in partials), *final.body]
+
+
+async def test_pool_serves_requests_on_every_connection_and_survives_errors() -> None:
+    endpoint = free_tcp_endpoint()
+    broker = start_broker(endpoint)
+    pool = WorkerPool([(Service("upper", upper), 3)], options(endpoint))
+    task = asyncio.create_task(pool.run())
+    try:
+        await until(lambda: workers_of(endpoint, "upper") == 3)
+        start = time.monotonic()
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(ask, endpoint, b"slow") for _ in range(3))
+        )
+        assert answers == [[b"working", b"SLOW"]] * 3
+        assert time.monotonic() - start < 1.4  # in parallel, not one after the other
+        failed = await asyncio.to_thread(ask, endpoint, b"boom")
+        assert failed == [b"error", b"ValueError: boom"]
+        await asyncio.sleep(0.6)  # several heartbeat intervals: still registered
+        assert await asyncio.to_thread(ask, endpoint, b"hi") == [b"working", b"HI"]
+        assert workers_of(endpoint, "upper") == 3
+        broker.kill()
+        broker.wait(5)
+        broker = start_broker(endpoint)
+        await until(lambda: workers_of(endpoint, "upper") == 3)
+        assert await asyncio.to_thread(ask, endpoint, b"again") == [b"working", b"AGAIN"]
+        pool.stop()
+        await asyncio.wait_for(task, 5)
+        await until(lambda: workers_of(endpoint, "upper") == 0)
+    finally:
+        pool.stop(0)
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+        broker.stop()
