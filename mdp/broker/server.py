@@ -1,10 +1,11 @@
 """The broker's I/O: one ROUTER socket around a `BrokerCore`.
 
-The loop is a plain pyzmq poll loop rather than asyncio: per wake-up it costs one poll call,
-then drains every waiting message with NOBLOCK receives (up to a batch), hands each to the core,
-and sends what the core produced. That is the cheapest way to move MDP frames through Python,
-and it keeps all rules in the core. To embed a broker in an asyncio program, run `serve()` in a
-thread (`start_thread()`); pyzmq releases the GIL while it polls.
+The loop is a plain poll loop rather than asyncio: per wake-up it costs one poll() on the
+sockets' signalling fds, then drains every waiting message with NOBLOCK receives (up to a
+batch), hands each to the core, and sends what the core produced at once. That is the cheapest
+way to move MDP frames through Python, and it keeps all rules in the core. To embed a broker in
+an asyncio program, run `serve()` in a thread (`start_thread()`); the GIL is released while it
+polls.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import errno
 import logging
 import math
+import select
 import signal
 import socket
 import threading
@@ -180,7 +182,18 @@ class BrokerServer:
         wake_fd = self._wake_r.fileno()
         monitor = self._monitor
         assert monitor is not None
-        poll_items: list[tuple[Any, int]] = [(sock, POLLIN), (wake_fd, POLLIN), (monitor, POLLIN)]
+        # One poll() on the sockets' signalling fds and the wake-up pipe. libzmq's fds only say
+        # "look again": the rule is that a socket is asked (ZMQ_EVENTS, here `zmq_poll(..., 0)`)
+        # after its last send or receive and before sleeping on its fd, which the drain below
+        # does by ending on a check that found nothing. That costs two checks per wake-up
+        # instead of zmq_poll's four, and each check is a few system calls.
+        sock_fd = int(sock.getsockopt(zmq.FD))
+        poller = select.poll()
+        for fd in (sock_fd, wake_fd, int(monitor.getsockopt(zmq.FD))):
+            poller.register(fd, select.POLLIN)
+        items: list[tuple[Any, int]] = [(sock, POLLIN)]
+        flush = self._flush
+        signalled = False
         probes = self._probes
         limit = self.max_msg_size
         clock = time.monotonic
@@ -198,42 +211,54 @@ class BrokerServer:
         )
         try:
             while not self._stopping:
-                due = min(next_tick, probes[0]) if probes else next_tick
-                timeout = max(0, math.ceil((due - clock()) * 1000))
-                events: list[tuple[Any, int]] = zmq_poll(poll_items, timeout)
-                # Drain in batches: one poll per wake-up, however many messages wait.
-                now = clock()
-                if auth is None:
-                    for _ in range(BATCH):
-                        if not readable(sock):
-                            break
-                        try:
-                            frames = recv_frames_limited(sock, limit)
-                        except OversizedMessage as exc:
-                            self._oversized(exc)
-                            continue
-                        handle(frames[0], frames[1:], now)
-                else:
-                    if auth.lists.generation != generation:
-                        generation = auth.lists.generation
-                        self._expel_revoked(auth)
-                    self._drain_authenticated(sock, auth, now)
-                if outbox:
-                    self._flush(sock)
-                if len(events) > 1 or (events and events[0][0] is not sock):
-                    self._drain_wake()
-                    self._drain_monitor(monitor, now)
                 now = clock()
                 if probes and now >= probes[0]:
                     del probes[0]
                     core.probe(now)
-                    self._flush(sock)
+                    flush(sock)
                 if now >= next_tick:
                     next_tick = core.tick(now)
                     if auth is not None:
                         auth.prune(core.workers)
                     if outbox:
-                        self._flush(sock)
+                        flush(sock)
+                # Drain in batches, each reply sent as soon as the core produced it.
+                if auth is None:
+                    drained = 0
+                    while drained < BATCH:
+                        # Woken by the socket's fd: a message most likely waits, and receiving
+                        # it processes libzmq's pending commands just as asking first would.
+                        if not (signalled or zmq_poll(items, 0)):
+                            break
+                        signalled = False
+                        try:
+                            frames = recv_frames_limited(sock, limit)
+                        except zmq.Again:  # woken, but no message after all
+                            continue
+                        except OversizedMessage as exc:
+                            self._oversized(exc)
+                        else:
+                            handle(frames[0], frames[1:], now)
+                            if outbox:
+                                flush(sock)
+                        drained += 1
+                else:
+                    if auth.lists.generation != generation:
+                        generation = auth.lists.generation
+                        self._expel_revoked(auth)
+                    drained = self._drain_authenticated(sock, items, auth, now)
+                if drained == BATCH:
+                    continue  # more may be waiting: no sleep, but timers first
+                due = min(next_tick, probes[0]) if probes else next_tick
+                timeout = max(0, math.ceil((due - clock()) * 1000))
+                signalled = False
+                for fd, _ in poller.poll(timeout):
+                    if fd == sock_fd:
+                        signalled = True
+                    elif fd == wake_fd:
+                        self._drain_wake()
+                    else:
+                        self._drain_monitor(monitor, clock())
             core.disconnect_all()
             self._flush(sock)
         finally:
@@ -254,14 +279,23 @@ class BrokerServer:
                 counters["refused_by_role_check"] = auth.refused
             log.info("broker stopped; counters: %s", counters)
 
-    def _drain_authenticated(self, sock: zmq.Socket[bytes], auth: BrokerAuth, now: float) -> None:
+    def _drain_authenticated(
+        self,
+        sock: zmq.Socket[bytes],
+        items: list[tuple[Any, int]],
+        auth: BrokerAuth,
+        now: float,
+    ) -> int:
         """The drain loop under CURVE: each message's ZAP User-Id (the sender's public key)
-        is read from its first frame and checked against the current allow-lists."""
+        is read from its first frame and checked against the current allow-lists. Ends on a
+        check that found nothing waiting (see `serve`), unless BATCH messages were read;
+        returns how many were."""
         handle = self.core.handle
+        outbox = self.core.outbox
         admit = auth.admit
-        for _ in range(BATCH):
-            if not readable(sock):
-                break
+        drained = 0
+        while drained < BATCH and zmq_poll(items, 0):
+            drained += 1
             first = _recv(sock, _NOBLOCK, False)  # a zmq.Frame: it carries the metadata
             frames = [first.bytes]
             biggest = 0
@@ -277,8 +311,11 @@ class BrokerServer:
                 user_id = None
             if admit(frames, user_id):
                 handle(frames[0], frames[1:], now)
+                if outbox:
+                    self._flush(sock)
         if auth.audit_pending:
             auth.flush_audit()
+        return drained
 
     def _expel_revoked(self, auth: BrokerAuth) -> None:
         """The allow-lists changed: disconnect and forget workers whose key was revoked."""
