@@ -256,8 +256,10 @@ class _Run:
             if self.pidfd is None and not self.exited:
                 wake = min(wake, now + _POLL_EXIT)
             self.changed.clear()
+            # asyncio.timeout rather than wait_for: no Task per wait (a few µs per command).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=max(0.0, wake - now))
+                async with asyncio.timeout(max(0.0, wake - now)):
+                    await self.changed.wait()
 
     async def flush(self, force: bool) -> None:
         """Send pending output as Output events (when due), or a Progress event after silence."""
