@@ -256,6 +256,8 @@ class CommandResult:
     concurrency: int = CONCURRENCY
     worker_own_cpu_ms_per_1000: float = float("nan")
     """The worker process alone (every thread), without its children."""
+    worker_helpers_cpu_ms_per_1000: float = float("nan")
+    """The worker's long-lived children (its watchdog process), not in worker_cpu."""
     client_cpu_ms_per_1000: float = float("nan")
 
 
@@ -287,7 +289,7 @@ def run_command(
         )
         spy = _start_py_spy(worker.pid, py_spy) if py_spy else None
         try:
-            result, t0, cpu, worker_cpu, worker_own = _drive(
+            result, t0, cpu, worker_cpu, worker_own, helpers = _drive(
                 broker, worker, count, max_seconds, errors, concurrency
             )
         finally:
@@ -329,6 +331,7 @@ def run_command(
         errors=errors,
         concurrency=concurrency,
         worker_own_cpu_ms_per_1000=worker_own * per,
+        worker_helpers_cpu_ms_per_1000=helpers * per,
         client_cpu_ms_per_1000=result.cpu_s * per,
     )
 
@@ -340,10 +343,11 @@ def _drive(
     max_seconds: float,
     errors: list[str],
     concurrency: int,
-) -> tuple[CommandClientResult, float, float, float, float]:
+) -> tuple[CommandClientResult, float, float, float, float, float]:
     """Run the client against a started worker.
 
-    Returns (result, start time, broker CPU, worker CPU with children, worker CPU alone).
+    Returns (result, start time, broker CPU, worker CPU with children, worker CPU alone, CPU
+    of the worker's long-lived children: its watchdog).
     """
     ctx = mp_context()
     barrier = ctx.Barrier(2)
@@ -355,7 +359,7 @@ def _drive(
         name="command-client",
     )
     result = CommandClientResult()
-    cpu = worker_cpu = worker_own = 0.0
+    cpu = worker_cpu = worker_own = helpers = 0.0
     t0 = time.monotonic()
     try:
         client.start()
@@ -363,18 +367,21 @@ def _drive(
             barrier.wait(timeout=60)
         except threading.BrokenBarrierError:
             errors.append("the command client's warm-up did not finish")
+        helpers0 = _helpers_cpu(worker_ps)
         broker0, (worker0, own0) = broker.cpu_seconds(), _worker_cpu(worker_ps)
         t0 = time.monotonic()
         result = results.get(timeout=max_seconds + REPLY_TIMEOUT_MS / 1000 + 30)
         cpu = broker.cpu_seconds() - broker0
         worker1, own1 = _worker_cpu(worker_ps)
         worker_cpu, worker_own = worker1 - worker0, own1 - own0
+        helpers1 = _helpers_cpu(worker_ps)
+        helpers = sum(helpers1.get(pid, cpu0) - cpu0 for pid, cpu0 in helpers0.items())
     except Exception as exc:  # queue.Empty: report what we have
         errors.append(f"command scenario incomplete: {type(exc).__name__}")
     finally:
         barrier.abort()
         stop_processes([client])
-    return result, t0, cpu, worker_cpu, worker_own
+    return result, t0, cpu, worker_cpu, worker_own, helpers
 
 
 def _worker_cpu(process: psutil.Process) -> tuple[float, float]:
@@ -382,6 +389,19 @@ def _worker_cpu(process: psutil.Process) -> tuple[float, float]:
     times = process.cpu_times()
     own = float(times.user + times.system)
     return own + float(times.children_user + times.children_system), own
+
+
+def _helpers_cpu(process: psutil.Process) -> dict[int, float]:
+    """CPU so far of each child the worker has now: between commands, its watchdog. A child
+    gone by the second reading counts 0 (no figure is better than a wrong one)."""
+    out: dict[int, float] = {}
+    for child in process.children():
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        out[child.pid] = float(times.user + times.system)
+    return out
 
 
 def _start_py_spy(pid: int, path: str) -> subprocess.Popen[bytes]:

@@ -155,7 +155,8 @@ def _command(args: argparse.Namespace) -> None:
             f"ms/1k); broker+worker {r.rate:,.0f}/s = {r.rate / ceiling.rate:.0%}, p50 "
             f"{r.p50_ms:.2f} p99 {r.p99_ms:.2f} ms; CPU ms/1k: broker "
             f"{r.broker_cpu_ms_per_1000:.0f}, worker {r.worker_own_cpu_ms_per_1000:.0f}, true "
-            f"{r.worker_cpu_ms_per_1000 - r.worker_own_cpu_ms_per_1000:.0f}, client "
+            f"{r.worker_cpu_ms_per_1000 - r.worker_own_cpu_ms_per_1000:.0f}, watchdog "
+            f"{r.worker_helpers_cpu_ms_per_1000:.0f}, client "
             f"{r.client_cpu_ms_per_1000:.0f}"
             + (f"; {r.failed} failed {r.lost} lost" if r.failed or r.lost else "")
             + (f"; {r.errors}" if r.errors else ""),

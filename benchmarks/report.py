@@ -898,7 +898,8 @@ def _command_section(data: RunData) -> list[str]:
         "Where the time goes, CPU ms per 1,000 commands: for the ceiling, its own process",
         "(asyncio, fork/exec, pipes) and the `true` processes; through the broker, the broker,",
         "the worker process alone (every thread: asyncio loop, spawning, MDP), the `true`",
-        "processes it ran, and the client (getrusage, so a few ms of granularity).",
+        "processes it ran, its watchdog process (told of every command's process group, spec",
+        "§14.4), and the client (getrusage, so a few ms of granularity).",
         "",
     ]
     rows = []
@@ -918,6 +919,7 @@ def _command_section(data: RunData) -> list[str]:
                 _fmt(c.broker_cpu_ms_per_1000, 0),
                 _fmt(c.worker_own_cpu_ms_per_1000, 0),
                 _fmt(c.worker_cpu_ms_per_1000 - c.worker_own_cpu_ms_per_1000, 0),
+                _fmt(c.worker_helpers_cpu_ms_per_1000, 0),
                 _fmt(c.client_cpu_ms_per_1000, 0),
                 f"{c.failed + c.lost}" + (f" ({'; '.join(c.errors)})" if c.errors else ""),
             ]
@@ -936,6 +938,7 @@ def _command_section(data: RunData) -> list[str]:
             "broker CPU",
             "worker CPU",
             "worker: true",
+            "worker: watchdog",
             "client CPU",
             "failed/lost",
         ],
@@ -952,6 +955,7 @@ def _command_section(data: RunData) -> list[str]:
                 f"{median([c.rate / k.rate for c, k in pairs]):.0%}",
                 _fmt(median([k.own_cpu_ms_per_1000 for _, k in pairs]), 0),
                 _fmt(median([c.worker_own_cpu_ms_per_1000 for c, _ in pairs]), 0),
+                _fmt(median([c.worker_helpers_cpu_ms_per_1000 for c, _ in pairs]), 0),
                 _fmt(median([c.broker_cpu_ms_per_1000 for c, _ in pairs]), 0),
                 _fmt(median([c.client_cpu_ms_per_1000 for c, _ in pairs]), 0),
             ]
@@ -963,6 +967,7 @@ def _command_section(data: RunData) -> list[str]:
             "share of the ceiling",
             "ceiling process CPU",
             "worker process CPU",
+            "watchdog CPU",
             "broker CPU",
             "client CPU",
         ],
