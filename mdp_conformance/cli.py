@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from mdp_conformance import __version__, report
 from mdp_conformance.process import StartError
@@ -108,20 +109,23 @@ def execute(
     out = Console(stderr=to_stderr, width=None if tty else 160)
     if list_only:
         for case in cases:
-            out.print(f"{case.id}  [dim]{case.rule.level}  {case.rule.clause}[/dim]")
+            out.print(f"{escape(case.id)}  [dim]{case.rule.level}  {case.rule.clause}[/dim]")
         sys.exit(EXIT_PASS)
     progress = Console(stderr=True)
     try:
         subject = make_subject()
     except StartError as exc:
-        progress.print(f"[bold red]mdp-conformance {target}:[/] {exc}")
+        progress.print(f"[bold red]mdp-conformance {target}:[/] {escape(str(exc))}")
         sys.exit(EXIT_NO_PEER)
-    progress.print(f"[dim]mdp-conformance {target}: {len(cases)} cases against {describe(subject)}")
+    progress.print(
+        f"[dim]mdp-conformance {target}: {len(cases)} cases against {escape(describe(subject))}"
+    )
 
     def show(outcome: Outcome) -> None:
         style = report.STYLES[outcome.status]
         progress.print(
-            f"  [{style}]{outcome.status:5}[/] {outcome.case.id} [dim]({outcome.seconds:.2f}s)[/]",
+            f"  [{style}]{outcome.status:5}[/] {escape(outcome.case.id)} "
+            f"[dim]({outcome.seconds:.2f}s)[/]",
             highlight=False,
         )
 

@@ -27,6 +27,8 @@ from mdp_conformance.rules import VERSIONS, Case
 from mdp_conformance.wire import C02_FINAL, C02_PARTIAL, C02_REQUEST, CLIENT_HEADER, EMPTY, show
 
 DEFAULT_SERVICE = "conformance.echo"
+MAJORTOMO_PARTIAL = b"\x03"
+MAJORTOMO_FINAL = b"\x04"
 START_TIMEOUT = 15.0  # a cold interpreter on a loaded machine
 EXIT_TIMEOUT = 10.0
 
@@ -42,13 +44,22 @@ class Request:
     envelope: bool = False  # a leading empty frame (RFC 7 always; some 0.2 clients too)
     service: bytes = b""
     body: tuple[bytes, ...] = ()
+    majortomo: bool = False  # majortomo's 0.2 dialect: "" MDPC02 0x02 service body
+
+    @property
+    def service_in_reply(self) -> bool:
+        return not self.majortomo
 
     def __str__(self) -> str:
         return show(self.frames)
 
 
 def parse(identity: bytes, frames: list[bytes], at: float) -> Request:
-    """RFC 7: "" MDPC01 service body+; RFC 18: MDPC02 0x01 service body+ (also with "")."""
+    """RFC 7: "" MDPC01 service body+; RFC 18: MDPC02 0x01 service body+ (also with "").
+
+    Also recognised, so that the other rules can judge such a client in its own framing:
+    majortomo's "" MDPC02 0x02 service body+, answered with "" MDPC02 0x03|0x04 body+ (no
+    service frame). Only the request-framing rule holds the framing against the client."""
     request = Request(identity, frames, at)
     i = 1 if frames and frames[0] == EMPTY else 0
     rest = frames[i:]
@@ -56,6 +67,9 @@ def parse(identity: bytes, frames: list[bytes], at: float) -> Request:
         request.version, request.service, request.body = "0.1", rest[1], tuple(rest[2:])
     elif len(rest) >= 4 and rest[0] == CLIENT_HEADER["0.2"] and rest[1] == C02_REQUEST:
         request.version, request.service, request.body = "0.2", rest[2], tuple(rest[3:])
+    elif len(rest) >= 4 and i == 1 and rest[0] == CLIENT_HEADER["0.2"] and rest[1] == b"\x02":
+        request.version, request.service, request.body = "0.2", rest[2], tuple(rest[3:])
+        request.majortomo = True
     request.envelope = i == 1
     return request
 
@@ -182,15 +196,19 @@ class BrokerSide:
 
     def final(self, request: Request, body: list[bytes], service: bytes | None = None) -> None:
         """REPLY (0.1) / FINAL (0.2) for `request`; `service` defaults to the request's."""
-        command = [C02_FINAL] if (request.version or self.version) == "0.2" else []
+        if request.majortomo:
+            command = [MAJORTOMO_FINAL]
+        else:
+            command = [C02_FINAL] if (request.version or self.version) == "0.2" else []
+        named = [service or request.service] if request.service_in_reply else []
         self.router.send_multipart(
-            [request.identity, *self._head(request), *command, service or request.service, *body]
+            [request.identity, *self._head(request), *command, *named, *body]
         )
 
     def partial(self, request: Request, body: list[bytes]) -> None:
-        self.router.send_multipart(
-            [request.identity, *self._head(request), C02_PARTIAL, request.service, *body]
-        )
+        command = MAJORTOMO_PARTIAL if request.majortomo else C02_PARTIAL
+        named = [request.service] if request.service_in_reply else []
+        self.router.send_multipart([request.identity, *self._head(request), command, *named, *body])
 
     def close(self) -> None:
         for run in self.runs:

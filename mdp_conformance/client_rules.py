@@ -56,6 +56,10 @@ def reply_for_another_service_is_not_the_answer(side: BrokerSide, version: str) 
     request of the same socket) is not taken as the answer; the FINAL that follows is."""
     run = side.run("which")
     request = side.request()
+    if not request.service_in_reply:
+        side.final(request, [b"right-service"])
+        run.finish()
+        raise Skip("the client's framing (majortomo's) has no service frame in replies")
     side.final(request, [b"wrong-service"], service=b"conformance.other")
     side.final(request, [b"right-service"])
     run.expect_output(["right-service"])

@@ -56,12 +56,12 @@ def table(title: str, outcomes: Sequence[Outcome]) -> Table:
     grid.add_column("result")
     grid.add_column("first difference / reason", overflow="fold")
     for o in outcomes:
-        grid.add_row(
-            o.case.id,
-            o.case.rule.clause,
-            o.case.rule.level,
+        grid.add_row(  # Text, not str: frames like [b'', ...] are not rich markup
+            Text(o.case.id),
+            Text(o.case.rule.clause),
+            Text(o.case.rule.level),
             Text(o.status, style=STYLES[o.status]),
-            first_line(o.detail),
+            Text(first_line(o.detail)),
         )
     return grid
 

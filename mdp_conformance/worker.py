@@ -37,7 +37,7 @@ DEFAULT_HEARTBEAT_MS = 100
 DEFAULT_LIVENESS = 3
 DEFAULT_SERVICE = "echo"
 START_TIMEOUT = 15.0  # a cold interpreter on a loaded machine; only a broken worker waits it out
-REPLY_TIMEOUT = 5.0
+REPLY_TIMEOUT = 10.0  # generous: a passing rule returns as soon as the reply is there
 
 
 @dataclass
