@@ -17,11 +17,18 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from clients.commands import CommandSpec, InputError, load_commands
+from clients.commands import CommandSpec, InputError, load_commands, oversized
 from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsole, Report
 from clients.results import ExitCode, exit_code_for
-from clients.runner import RunSettings, ServiceCheckFailed, check_services, run_commands
+from clients.runner import (
+    Active,
+    RunSettings,
+    ServiceCheckFailed,
+    check_services,
+    run_commands,
+)
 from mdp import __version__
+from mdp.broker.server import DEFAULT_MAX_MSG_SIZE
 from mdp.cli_options import curve_options, curve_socket_options, endpoint_callback
 from mdp.client import (
     DEFAULT_ENDPOINT,
@@ -42,14 +49,18 @@ EXIT_CODES = """\b
 Exit codes (when several apply, the first in this list wins):
   2    usage error (bad option)
   66   FILE does not exist or cannot be read
-  65   FILE is not valid JSON or not a valid commands file
-  69   no broker answered, or a service is unknown to the broker
-  75   some command was lost: no result after the allowed retries
+  65   FILE is not valid JSON or not a valid commands file, or a command is larger
+       than the broker's message limit (--max-msg-size); nothing is sent
+  69   no broker answered (refused connections and unknown hosts are said within a
+       second), or a service is unknown to the broker
+  75   some command was lost or expired: no result after the allowed retries; a lost
+       command that had not started never starts later, one that had is cancelled
   124  some command timed out (the worker killed it)
-  1    some command failed (non-zero exit, or status error/invalid/rejected)
+  1    some command failed (non-zero exit, or status error/invalid/rejected/cancelled)
   0    every command ok
-  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): with --embedded, the
-       commands still running are killed with their process groups
+  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the commands that started
+       are cancelled on their workers (process groups killed) unless --detach, and
+       those still on their way are waited for until they can no longer start
 """
 
 MAIN_HELP = f"""Run the commands in FILE through an MDP broker and report their results.
@@ -224,7 +235,27 @@ class Connection:
     envvar="MDP_CLIENT_RETRY_STARTED",
     show_envvar=True,
     help="Re-send a command that went silent after it started (same request_id: a worker "
-    "that already ran it answers from its cache; another worker would run it again).",
+    "that already ran it answers from its cache; another worker would run it again, and the "
+    "result then names every worker that ran it).",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    envvar="MDP_CLIENT_DETACH",
+    show_envvar=True,
+    help="On Ctrl-C/SIGTERM, leave the commands that started running on their workers "
+    "(by default they are cancelled: their process groups are killed).",
+)
+@click.option(
+    "--max-msg-size",
+    type=click.IntRange(min=1024),
+    default=DEFAULT_MAX_MSG_SIZE,
+    show_default=True,
+    envvar="MDP_CLIENT_MAX_MSG_SIZE",
+    show_envvar=True,
+    metavar="BYTES",
+    help="The broker's message limit (its --max-msg-size): a command whose request is larger "
+    "is refused before anything is sent (exit 65).",
 )
 @click.option(
     "--embedded",
@@ -245,6 +276,8 @@ def main(
     as_json: bool,
     as_jsonl: bool,
     retry_started: bool,
+    detach: bool,
+    max_msg_size: int,
     embedded: bool,
     **params: Any,
 ) -> None:
@@ -272,7 +305,16 @@ def main(
             click.echo(f"{PROG}: {problem}", err=True)
         sys.exit(exc.exit_code)
     mode = "json" if as_json else "jsonl" if as_jsonl else "human"
-    settings = RunSettings(parallel=parallel, retry_started=retry_started, stream=stream)
+    if mode == "human" and len(specs) == 1 and sys.stdout.isatty():
+        stream = True  # one command on a terminal: show its output as it comes
+    too_big = oversized(specs, max_msg_size)
+    if too_big:
+        for problem in too_big:
+            click.echo(f"{PROG}: {problem}", err=True)
+        sys.exit(ExitCode.DATA_ERROR)
+    settings = RunSettings(
+        parallel=parallel, retry_started=retry_started, stream=stream, detach=detach
+    )
     sys.exit(_run_sync(_run_file(specs, connection, settings, mode, embedded)))
 
 
@@ -286,9 +328,9 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def _run_sync(coroutine: Any) -> int:
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # until the event loop runs
     try:
-        return int(asyncio.run(coroutine))
+        return int(asyncio.run(_cancellable(coroutine)))
     except _Terminated:
         click.echo(f"{PROG}: terminated", err=True)
         return 128 + signal.SIGTERM
@@ -297,6 +339,32 @@ def _run_sync(coroutine: Any) -> int:
         return 128 + signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+async def _cancellable(coroutine: Any) -> Any:
+    """Run `coroutine` with SIGTERM cancelling it the way asyncio's Ctrl-C does, so that its
+    cleanup (cancelling the commands it started) runs on the event loop; then _Terminated."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        if terminated:  # a second SIGTERM: leave at once
+            raise _Terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await coroutine
+    except asyncio.CancelledError:
+        if terminated:
+            raise _Terminated from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _run_file(
@@ -321,8 +389,15 @@ async def _run_file(
                 click.echo(f"{PROG}: warning: {warning}", err=True)
             report = _report(mode, specs, settings.stream)
             start = time.monotonic()
-            with report:
-                outcomes = await run_commands(client, specs, settings, report)
+            active = Active()
+            try:
+                with report:
+                    outcomes = await run_commands(client, specs, settings, report, active)
+            except asyncio.CancelledError:
+                if active.cancelled:
+                    done = ", ".join(f"[{i}] {o}" for i, o in sorted(active.cancelled.items()))
+                    click.echo(f"{PROG}: cancelled on their workers: {done}", err=True)
+                raise
             report.close(outcomes, time.monotonic() - start)
             return exit_code_for(outcomes)
         finally:
@@ -374,6 +449,7 @@ def services(parent: Connection, /, as_json: bool, **params: Any) -> None:
     async def ask() -> int:
         client = connection.client()
         try:
+            await _reachable(client)
             found = await client.services()
         except RequestTimeout:
             _no_broker(connection)
@@ -416,6 +492,7 @@ def ping(parent: Connection, /, service: str, **params: Any) -> None:
         client = connection.client()
         start = time.monotonic()
         try:
+            await _reachable(client)
             found = await client.service_exists(service)
         except RequestTimeout:
             _no_broker(connection)
@@ -431,6 +508,16 @@ def ping(parent: Connection, /, service: str, **params: Any) -> None:
         return ExitCode.UNAVAILABLE
 
     sys.exit(_run_sync(ask()))
+
+
+async def _reachable(client: Client) -> None:
+    """Exit 69 at once, saying why, when no broker endpoint can be reached at all."""
+    gone = await client.unreachable()
+    if gone and len(gone) == len(client.endpoints):
+        for endpoint, why in gone.items():
+            click.echo(f"{PROG}: cannot reach the broker at {endpoint}: {why}", err=True)
+        client.close()
+        sys.exit(ExitCode.UNAVAILABLE)
 
 
 def _no_broker(connection: Connection) -> NoReturn:

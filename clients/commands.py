@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from mdp.protocol import ProtocolError, validate_service_name
 from services.bodies import CommandFields, CommandRequest
 
-__all__ = ["EX_DATAERR", "EX_NOINPUT", "CommandSpec", "InputError", "load_commands"]
+__all__ = ["EX_DATAERR", "EX_NOINPUT", "CommandSpec", "InputError", "load_commands", "oversized"]
 
 EX_DATAERR = 65
 """The file is not valid JSON or not a valid commands file (sysexits.h)."""
@@ -61,8 +61,8 @@ class CommandSpec(CommandFields):
             raise ValueError("mmi.* names belong to the broker's management interface")
         return value
 
-    def request(self, request_id: str) -> CommandRequest:
-        """The request body sent to the service."""
+    def request(self, request_id: str, start_by: float | None = None) -> CommandRequest:
+        """The request body sent to the service (`start_by`: spec/command-service.md §14.1)."""
         return CommandRequest(
             command_name=self.command_name,
             parameters=self.parameters,
@@ -70,6 +70,7 @@ class CommandSpec(CommandFields):
             cwd=self.cwd,
             env=self.env,
             request_id=request_id,
+            start_by=start_by,
         )
 
     def display(self) -> str:
@@ -82,6 +83,24 @@ class CommandSpec(CommandFields):
 
 
 _FIELDS = ", ".join(CommandSpec.model_fields)
+
+_ENVELOPE = 1024
+"""Room for the MDP frames, request_id and start_by around a command's body."""
+
+
+def oversized(specs: list[CommandSpec], limit: int) -> list[str]:
+    """One problem per command whose request would exceed the broker's message limit (the
+    broker would drop it unseen, and the client would wait for nothing)."""
+    problems = []
+    for index, spec in enumerate(specs):
+        size = len(spec.request("0" * 32, start_by=1.0).pack()) + _ENVELOPE
+        if size > limit:
+            problems.append(
+                f"command [{index}] ({spec.display()[:60]}...) is {size:,} bytes as a request, "
+                f"over the broker's message limit of {limit:,} bytes (--max-msg-size); "
+                "nothing was sent"
+            )
+    return problems
 
 
 def load_commands(path: str) -> list[CommandSpec]:

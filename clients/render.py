@@ -45,6 +45,8 @@ STATUS_STYLE = {
     "lost": "bold red reverse",
 }
 PREFIX_WIDTH = 40
+HEADER_WIDTH = 120
+"""Longest command line shown in a result header; --json keeps the whole command."""
 # C0 and C1 control characters except tab, shown escaped.
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if c != 0x09}
 
@@ -234,7 +236,7 @@ class HumanReport(Report):
         text = Text()
         text.append(f"{outcome.status:<8}", style=STATUS_STYLE.get(outcome.status, "bold"))
         text.append(f" [{outcome.index}] " if self.several else " ")
-        text.append(printable(outcome.spec.display().encode()), style="bold")
+        text.append(shorten(printable(outcome.spec.display().encode()), HEADER_WIDTH), style="bold")
         details = []
         if outcome.exit_code is not None:
             details.append(f"exit {outcome.exit_code}")
@@ -247,6 +249,10 @@ class HumanReport(Report):
         if outcome.attempts > 1:
             details.append(f"{outcome.attempts} attempts")
         text.append(f"  ({', '.join(details)})", style="dim")
+        if len(outcome.workers) > 1:
+            # Only --retry-started allows this: say it plainly, it is not a plain "ok".
+            names = ", ".join(_worker(worker) for worker in outcome.workers)
+            text.append(f"  RAN {len(outcome.workers)} TIMES, on {names}", style="bold yellow")
         return text
 
     def _print_output(self, data: bytes, label: str, style: str) -> None:
@@ -259,11 +265,21 @@ class HumanReport(Report):
             self._print(text)
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` cut to `width` characters, saying how much was left out."""
+    if len(text) <= width:
+        return text
+    cut = width - 20
+    return f"{text[:cut]}… (+{len(text) - cut:,} chars)"
+
+
 def _duration(ms: float) -> str:
     return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
 
 
 def _worker(worker: WorkerInfo) -> str:
+    if worker.name and worker.name != worker.host:
+        return f"{worker.name} ({worker.host}/{worker.pid})"
     return f"{worker.host}/{worker.pid}"
 
 

@@ -69,6 +69,9 @@ class CommandOutcome:
     elapsed_ms: float = 0.0
     """From the first send to the result, as measured by the client (queueing included)."""
     worker: WorkerInfo | None = None
+    workers: list[WorkerInfo] = field(default_factory=list)
+    """Every worker that said `started` for it, in order (more than one: it ran more than
+    once, which only --retry-started allows)."""
     attempts: int = 1
     message: str | None = None
     errors: list[dict[str, str]] | None = None
@@ -92,6 +95,7 @@ class CommandOutcome:
             "duration_ms": self.duration_ms,
             "elapsed_ms": round(self.elapsed_ms, 3),
             "worker": self.worker.model_dump() if self.worker else None,
+            "workers": [worker.model_dump() for worker in self.workers],
             "attempts": self.attempts,
             "message": self.message,
             "errors": self.errors,

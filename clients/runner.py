@@ -16,7 +16,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -27,17 +27,54 @@ from mdp.errors import MDPError
 from mdp.protocol import Version
 from services.bodies import (
     BodyError,
+    CancelRequest,
     Output,
     Started,
     WorkerInfo,
+    parse_cancel_reply,
     parse_partial,
     parse_result,
 )
 
-__all__ = ["Events", "RunSettings", "ServiceCheckFailed", "check_services", "run_commands"]
+__all__ = [
+    "SKEW_ALLOWANCE",
+    "Active",
+    "Events",
+    "RunSettings",
+    "ServiceCheckFailed",
+    "cancel_one",
+    "check_services",
+    "run_commands",
+]
 
 WORKER_DEFAULT_TIMEOUT = 30.0
 """The command timeout a worker applies when the request has none (spec/command-service.md)."""
+SKEW_ALLOWANCE = 1.0
+"""Seconds by which the clocks of client and worker hosts may differ (spec §14.1)."""
+CANCEL_TIMEOUT = 1.0
+"""How long a cancel message may take (spec §14.5)."""
+
+
+@dataclass
+class Active:
+    """The commands that started and have not finished: index -> (service, worker name,
+    request_id). What a cancel on exit must reach (spec §14.5)."""
+
+    started: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    cancelled: dict[int, str] = field(default_factory=dict)
+    """Commands cancelled because the client was interrupted: index -> the cancel's outcome."""
+
+
+async def cancel_one(client: Client, service: str, worker: str, request_id: str) -> str:
+    """Send a cancel for `request_id` to `service@worker`; its outcome, or why there is none."""
+    body = CancelRequest(cancel=request_id).pack()
+    try:
+        reply = await client.request(f"{service}@{worker}", body, timeout=CANCEL_TIMEOUT, retries=0)
+        return parse_cancel_reply(reply).cancel
+    except RequestTimeout:
+        return "no answer"
+    except (BodyError, MDPError, zmq.ZMQError) as exc:
+        return f"failed ({exc})"
 
 
 @dataclass(frozen=True)
@@ -47,6 +84,8 @@ class RunSettings:
     parallel: int = 16
     retry_started: bool = False
     stream: bool = False
+    detach: bool = False
+    """On interrupt, leave started commands running (default: cancel them)."""
 
 
 class Events:
@@ -80,6 +119,12 @@ async def check_services(client: Client, services: Sequence[str]) -> list[str]:
     broker answers, or listing every service the broker does not know.
     """
     names = sorted(set(services))
+    gone = await client.unreachable()
+    if gone and len(gone) == len(client.endpoints):
+        # Said within about a second, and why, rather than after every attempt timed out.
+        raise ServiceCheckFailed(
+            [f"cannot reach the broker at {e}: {why}" for e, why in gone.items()]
+        )
     answers = await asyncio.gather(
         *(client.service_exists(name) for name in names), return_exceptions=True
     )
@@ -115,15 +160,18 @@ async def run_commands(
     specs: Sequence[CommandSpec],
     settings: RunSettings,
     events: Events | None = None,
+    active: Active | None = None,
 ) -> list[CommandOutcome]:
-    """Run every command, at most `settings.parallel` at a time; outcomes in file order."""
+    """Run every command, at most `settings.parallel` at a time; outcomes in file order.
+    `active` is kept up to date with the commands running on a worker."""
     events = events or Events()
+    active = active if active is not None else Active()
     outcomes: list[CommandOutcome | None] = [None] * len(specs)
     pending = iter(enumerate(specs))
 
     async def lane() -> None:
         for index, spec in pending:  # the lanes share one iterator: each command runs once
-            outcome = await run_one(client, index, spec, settings, events)
+            outcome = await run_one(client, index, spec, settings, events, active)
             outcomes[index] = outcome
             events.finished(outcome)
 
@@ -133,48 +181,125 @@ async def run_commands(
     return [outcome for outcome in outcomes if outcome is not None]
 
 
+def _not_run(body: list[bytes]) -> bool:
+    """The FINAL says this attempt never ran: it reached the worker past its start deadline."""
+    try:
+        return parse_result(body).status == "expired"
+    except BodyError:
+        return False
+
+
 async def run_one(
-    client: Client, index: int, spec: CommandSpec, settings: RunSettings, events: Events
+    client: Client,
+    index: int,
+    spec: CommandSpec,
+    settings: RunSettings,
+    events: Events,
+    active: Active | None = None,
 ) -> CommandOutcome:
-    """Send one command and turn whatever comes back (or does not) into its outcome."""
+    """Send one command and turn whatever comes back (or does not) into its outcome.
+
+    Cancelled (the client is interrupted): unless `settings.detach`, a command that started is
+    cancelled on its worker, and one still on its way is waited for until it can no longer
+    start (its start deadline plus the skew allowance) and cancelled if it starts meanwhile;
+    then CancelledError goes on (spec/command-service.md §14.5).
+    """
+    active = active if active is not None else Active()
     request_id = uuid.uuid4().hex
-    body = spec.request(request_id).pack()
     outcome = CommandOutcome(index, spec, request_id, status="lost")
     v01 = client.version is Version.V01
     timeout = client.timeout + (spec.timeout or WORKER_DEFAULT_TIMEOUT) if v01 else client.timeout
     attempt = 1
+    may_start_until = 0.0  # monotonic: the current attempt cannot start after this
+    started = asyncio.Event()
+
+    def attempt_body(n: int) -> list[bytes]:
+        nonlocal may_start_until
+        # spec §14.1: this attempt may start only until the client stops waiting for it.
+        may_start_until = time.monotonic() + timeout + SKEW_ALLOWANCE
+        return [spec.request(request_id, start_by=time.time() + timeout).pack()]
 
     def may_retry(failed: AttemptFailed) -> bool:
         if settings.retry_started:
             return True
         return not v01 and failed.total_partials == 0
 
-    start = time.monotonic()
-    try:
+    async def consume() -> None:
+        nonlocal attempt
         async for part in client.stream(
-            spec.command_type, body, timeout=timeout, may_retry=may_retry
+            spec.command_type,
+            timeout=timeout,
+            may_retry=may_retry,
+            attempt_body=attempt_body,
+            settle=SKEW_ALLOWANCE,
+            not_run=_not_run,
         ):
             if part.attempt != attempt:
                 attempt = part.attempt
                 events.retrying(index, attempt)
             outcome.attempts = part.attempt
             if part.final:
+                active.started.pop(index, None)
                 _apply_result(outcome, part.body)
             else:
-                _apply_partial(outcome, part.body, settings, events)
+                _apply_partial(outcome, part.body, settings, events, active)
+                if index in active.started:
+                    started.set()
+
+    start = time.monotonic()
+    inner = asyncio.create_task(consume())
+    try:
+        await asyncio.shield(inner)
     except RequestTimeout as exc:
         outcome.status = "lost"
         outcome.attempts = exc.attempts
         outcome.message = _lost_message(exc, outcome, v01, timeout)
+        running = active.started.pop(index, None)
+        if running is not None:
+            # spec §14: nothing reported lost goes on running.
+            answer = await cancel_one(client, *running)
+            outcome.message += f"; cancel sent to {running[1]}: {answer}"
     except zmq.ZMQError as exc:  # e.g. too many open files: this command was never sent
         outcome.status = "error"
         outcome.message = f"the client could not send it: {exc}"
+    except asyncio.CancelledError:
+        if not settings.detach and not inner.done():
+            await _stop_on_exit(client, index, inner, started, may_start_until, active)
+        inner.cancel()
+        raise
+    finally:
+        active.started.pop(index, None)
     outcome.elapsed_ms = (time.monotonic() - start) * 1000
     return outcome
 
 
+async def _stop_on_exit(
+    client: Client,
+    index: int,
+    inner: asyncio.Task[None],
+    started: asyncio.Event,
+    may_start_until: float,
+    active: Active,
+) -> None:
+    """The client is going away: make sure this command does not run on without it."""
+    if index not in active.started:
+        # Not started (yet): wait until it can no longer start, or until it does.
+        wait = may_start_until - time.monotonic()
+        if wait > 0:
+            starting = asyncio.create_task(started.wait())
+            await asyncio.wait({inner, starting}, timeout=wait, return_when="FIRST_COMPLETED")
+            starting.cancel()
+    running = active.started.get(index)
+    if running is not None and not inner.done():
+        active.cancelled[index] = await cancel_one(client, *running)
+
+
 def _apply_partial(
-    outcome: CommandOutcome, body: list[bytes], settings: RunSettings, events: Events
+    outcome: CommandOutcome,
+    body: list[bytes],
+    settings: RunSettings,
+    events: Events,
+    active: Active,
 ) -> None:
     try:
         event = parse_partial(body)
@@ -182,6 +307,14 @@ def _apply_partial(
         return  # a PARTIAL we do not understand still proved the worker alive; nothing to show
     if isinstance(event, Started):
         outcome.worker = event.worker
+        if event.worker not in outcome.workers:  # the same worker again answers from memory
+            outcome.workers.append(event.worker)
+        if event.worker.name is not None and outcome.request_id == event.request_id:
+            active.started[outcome.index] = (
+                outcome.spec.command_type,
+                event.worker.name,
+                outcome.request_id,
+            )
         events.started(outcome.index, event.worker)
     elif isinstance(event, Output) and settings.stream:
         outcome.streamed = True

@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Sequence
+import socket
+from collections.abc import AsyncGenerator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from mdp import mmi
 from mdp.client_core import (
@@ -35,7 +37,7 @@ from mdp.client_core import (
     RetryPolicy,
     always_retry,
 )
-from mdp.endpoints import check_endpoint
+from mdp.endpoints import check_endpoint, tcp_host
 from mdp.errors import ProtocolError
 from mdp.mmi import MMINotImplemented, ServiceInfo
 from mdp.protocol import Version
@@ -61,6 +63,8 @@ DEFAULT_TIMEOUT = 5.0
 DEFAULT_RETRIES = 2
 """Attempts after the first one."""
 DEFAULT_MAX_IDLE_SOCKETS = 64
+REACH_TIMEOUT = 1.0
+"""How long `Client.unreachable` watches a connection attempt."""
 MAX_SOCKETS = 4096
 """The socket cap of a context the client owns: bounds the requests in flight at once."""
 
@@ -167,12 +171,21 @@ class Client:
         retries: int | None = None,
         may_retry: RetryPolicy | None = None,
         total_timeout: float | None = None,
+        attempt_body: Callable[[int], Sequence[bytes]] | None = None,
+        settle: float = 0.0,
+        not_run: Callable[[list[bytes]], bool] | None = None,
     ) -> AsyncGenerator[Part, None]:
         """Send a request and yield each PARTIAL, then the FINAL (`part.final` is true).
 
         Every PARTIAL restarts the liveness timeout. Over MDP/0.1 only the FINAL is yielded.
         After a retry, the new attempt's PARTIALs follow (`part.attempt` tells them apart).
         Arguments default to the client's settings; errors as for `request()`.
+
+        For services that must not run a request twice (spec/mdp.md §6): `attempt_body(n)`
+        builds attempt n's body (then `body` is ignored); `settle` keeps an attempt that had no
+        PARTIAL open that many seconds past its liveness timeout before the next one goes; a
+        FINAL for which `not_run(body)` is true means that attempt did not run: the next
+        attempt goes at once, if the retries and the policy allow (else it is yielded).
 
         Leaving the loop early abandons the request: its socket is closed and any late reply
         is discarded. Wrap the generator in `contextlib.aclosing()` so that happens at once.
@@ -182,12 +195,14 @@ class Client:
         core = RequestCore(
             self.version,
             _as_bytes(service),
-            body,
+            body if attempt_body is None else attempt_body(1),
             self.endpoints,
             timeout=self.timeout if timeout is None else timeout,
             retries=self.retries if retries is None else retries,
             total_timeout=total_timeout,
             first_endpoint=self._preferred,
+            rebuild=attempt_body,
+            settle=settle,
         )
         policy = self.may_retry if may_retry is None else may_retry
         loop = _loop_time
@@ -222,6 +237,14 @@ class Client:
                     log.debug("ignored a message that is not a reply to this request")
                     continue
                 if part.final:
+                    if not_run is not None and not_run(part.body):
+                        retry = core.retry_after_final(loop(), policy)
+                        if retry is not None:
+                            log.debug("attempt %d did not run; retrying", retry.attempt - 1)
+                            self._release(core.sent_to[-2], sock)
+                            sock = self._acquire(retry.endpoint)
+                            await self._send(sock, retry.frames)
+                            continue
                     finished = True
                     self._preferred = self.endpoints.index(core.endpoint)
                     self._release(core.endpoint, sock)
@@ -231,6 +254,49 @@ class Client:
         finally:
             if not finished:
                 self._discard(sock)
+
+    async def unreachable(self, timeout: float = REACH_TIMEOUT) -> dict[str, str]:
+        """The broker endpoints that certainly cannot be reached now, each with the reason:
+        its host name does not resolve, or the connection is refused (nothing listens).
+
+        Takes at most about `timeout` seconds, all endpoints at once. An endpoint that neither
+        connects nor fails within that time (a slow network, packets dropped) is not listed:
+        only a request's own timeout can tell.
+        """
+        found = await asyncio.gather(*(self._unreachable(e, timeout) for e in self.endpoints))
+        return {e: why for e, why in zip(self.endpoints, found, strict=True) if why is not None}
+
+    async def _unreachable(self, endpoint: str, timeout: float) -> str | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        host = tcp_host(endpoint)
+        if host is not None:
+            try:
+                await asyncio.wait_for(loop.getaddrinfo(host, None), timeout)
+            except socket.gaierror:
+                return f"unknown host {host!r} (the name does not resolve)"
+            except TimeoutError:
+                return None
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A monitor sees what a DEALER hides: libzmq retries a refused connection silently.
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        try:
+            sock.connect(endpoint)
+            while (remaining := deadline - loop.time()) > 0:
+                if not await monitor.poll(max(1, round(remaining * 1000))):
+                    break
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    return None
+                if event == zmq.EVENT_CONNECT_RETRIED:
+                    return "connection refused (nothing listens there)"
+            return None
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
 
     async def mmi(self, service: str | bytes, *body: bytes) -> list[bytes]:
         """Ask the broker's management interface (RFC 8): `service` starts with "mmi."."""

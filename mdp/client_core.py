@@ -23,6 +23,13 @@ socket and open a new socket, and resend the request"), i.e. the zguide's Lazy P
 three additions: PARTIALs count as proof of life, the endpoints are tried in turn, and a retry
 policy may refuse a retry (a command that already started must not silently run twice).
 
+Two more hooks make retries safe for services that cannot run a request twice
+(spec/command-service.md §14.1): `rebuild` gives each attempt its own body (a start deadline),
+and `settle` keeps an attempt that has had no PARTIAL open that much longer after its liveness
+deadline, so that a first PARTIAL sent just before the deadline still counts. A FINAL the
+caller recognises as "this attempt did not run" can be turned into the next attempt at once
+(`retry_after_final`).
+
 States: "new" -> "waiting" -> "done" | "failed". Messages received in any state other than
 "waiting" are ignored, as are messages that do not parse or name another service.
 """
@@ -139,6 +146,8 @@ class RequestCore:
         retries: int,
         total_timeout: float | None = None,
         first_endpoint: int = 0,
+        rebuild: Callable[[int], Sequence[bytes]] | None = None,
+        settle: float = 0.0,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one broker endpoint is needed")
@@ -146,6 +155,8 @@ class RequestCore:
             raise ValueError("timeout must be positive")
         if retries < 0:
             raise ValueError("retries must not be negative")
+        if settle < 0:
+            raise ValueError("settle must not be negative")
         self.version = Version(version)
         self.service = service
         # Validates the service name and the body now, before anything is sent.
@@ -155,6 +166,10 @@ class RequestCore:
         self.retries = retries
         self.total_timeout = total_timeout
         self.first_endpoint = first_endpoint % len(self.endpoints)
+        self.rebuild = rebuild
+        """Called with the attempt number (1, 2, ...) for that attempt's body."""
+        self.settle = settle
+        """Seconds an attempt without any PARTIAL stays open past its liveness deadline."""
         self.state = "new"
         self.attempt = 0
         self.sent_to: list[str] = []
@@ -175,9 +190,12 @@ class RequestCore:
     @property
     def deadline(self) -> float:
         """When the current attempt expires unless something arrives first."""
+        liveness = self._liveness_deadline
+        if not self.partials:
+            liveness += self.settle
         if self._total_deadline is None:
-            return self._liveness_deadline
-        return min(self._liveness_deadline, self._total_deadline)
+            return liveness
+        return min(liveness, self._total_deadline)
 
     def start(self, now: float) -> Send:
         """The first attempt."""
@@ -228,10 +246,30 @@ class RequestCore:
             raise self._fail(self._silence_message() + "; retry refused", refused=True)
         return self._next_attempt(now)
 
+    def retry_after_final(self, now: float, may_retry: RetryPolicy = always_retry) -> Send | None:
+        """The FINAL just received says this attempt did not run (the caller knows how to
+        tell): the next attempt at once, or None when no retry is left or the policy refuses
+        (the caller then takes that FINAL as the answer)."""
+        if self.state != "done":
+            raise RuntimeError(f"retry_after_final() in state {self.state}")
+        failed = AttemptFailed(
+            self.service, self.attempt, self.endpoint, self.partials, self.total_partials
+        )
+        if self._total_deadline is not None and now >= self._total_deadline:
+            return None
+        if self.attempt > self.retries or not may_retry(failed):
+            return None
+        return self._next_attempt(now)
+
     # -----------------------------------------------------------------------------------------
 
     def _next_attempt(self, now: float) -> Send:
         endpoint = self.endpoints[(self.first_endpoint + self.attempt) % len(self.endpoints)]
+        if self.rebuild is not None and self.attempt:
+            # The first attempt's body was built (and checked) in __init__.
+            self.frames = build_client_request(
+                self.version, self.service, list(self.rebuild(self.attempt + 1))
+            )
         self.attempt += 1
         self.partials = 0
         self.sent_to.append(endpoint)

@@ -72,6 +72,14 @@ def _check_tcp(endpoint: str, address: str, bind: bool) -> None:
         raise EndpointError(f"{endpoint!r}: '*' is for binding; connect to a host name or address")
 
 
+def tcp_host(endpoint: str) -> str | None:
+    """The peer host of a tcp:// endpoint (brackets of an IPv6 address removed), else None."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _ = _host_port(endpoint[len("tcp://") :].rsplit(";", 1)[-1])
+    return host.removeprefix("[").removesuffix("]") or None
+
+
 def _host_port(address: str) -> tuple[str, str | None]:
     """A tcp address split at its last colon: (host, port); (address, None) without a colon."""
     host, colon, port = address.rpartition(":")

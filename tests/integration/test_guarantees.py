@@ -375,3 +375,169 @@ def test_cancel_before_arrival_means_it_never_runs(broker: str, tmp_path: Path) 
         assert runs(marker) == 0
     finally:
         worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The client (mdp-client)
+
+
+def client_run(
+    endpoint: str, commands: object, tmp_path: Path, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / f"commands-{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(commands))
+    return subprocess.run(
+        [script("mdp-client"), "-a", endpoint, "-f", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
+def shell(command: str) -> dict[str, object]:
+    return {"command_type": "shell", "command_name": command}
+
+
+def test_queued_too_long_is_lost_and_never_runs_later(broker: str, tmp_path: Path) -> None:
+    """Defect 1: commands that wait in the broker's queue past the client's patience are
+    reported lost (or expired), and none of them runs afterwards, not even once."""
+    worker = start_worker(broker, "w", tmp_path, extra=("--progress-interval", "0.1"))
+    try:
+        wait_workers(broker, {"shell": 1})
+        busy = tmp_path / "busy"
+        markers = [tmp_path / f"m{i}" for i in range(2)]
+        commands = [shell(f"echo x >> {busy}; sleep 4")]
+        commands += [shell(f"echo x >> {marker}") for marker in markers]
+        result = client_run(
+            broker, commands, tmp_path, "--timeout", "0.5", "--retries", "1", "--json"
+        )
+        assert result.returncode == 75, result.stderr
+        statuses = [r["status"] for r in json.loads(result.stdout)["results"]]
+        assert statuses[0] == "ok", result.stdout
+        assert all(status in ("lost", "expired") for status in statuses[1:]), statuses
+        # Whatever the broker still held is handed out before this one (FIFO): once it is
+        # done, nothing queued earlier can start any more.
+        after = client_run(broker, [shell("true")], tmp_path, "--timeout", "10")
+        assert after.returncode == 0, after.stderr
+        assert [runs(busy), *map(runs, markers)] == [1, 0, 0]
+    finally:
+        worker.stop()
+
+
+def _start_client(endpoint: str, command: str, tmp_path: Path, *args: str) -> Process:
+    path = tmp_path / "commands.json"
+    path.write_text(json.dumps([shell(command)]))
+    return Process(
+        [script("mdp-client"), "-a", endpoint, "-f", str(path), "--timeout", "2", *args],
+        # A child of a non-interactive shell may inherit SIGINT ignored; a terminal's is not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_the_client_cancels_its_command(
+    broker: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Defect 4: Ctrl-C/SIGTERM of mdp-client kills the command's process group on the
+    worker, and the worker is free for the next request at once."""
+    marker = tmp_path / "pgid"
+    worker = start_worker(broker, "w", tmp_path / "state")
+    client: Process | None = None
+    try:
+        wait_workers(broker, {"shell": 1, "shell@w": 1})
+        client = _start_client(broker, f"echo $$ > {marker}; exec sleep 40", tmp_path)
+        wait_until(lambda: marker.exists() and marker.read_text().strip(), 10, what="start")
+        pgid = int(marker.read_text())
+        client.signal(sig)
+        assert client.wait(timeout=10) == 128 + sig
+        _, err = client.popen.communicate(timeout=5)
+        assert b"cancelled on their workers: [0] cancelled" in err
+        assert b"Traceback" not in err
+        wait_until(lambda: live_members(pgid) == [], 3, what=f"group {pgid} to die")
+        follow = client_run(broker, [shell("echo next")], tmp_path, "--timeout", "2")
+        assert follow.returncode == 0, follow.stderr
+    finally:
+        if client is not None:
+            client.kill()
+        worker.stop()
+
+
+def test_detached_client_leaves_its_command_running(broker: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pgid"
+    worker = start_worker(broker, "w", tmp_path / "state", extra=("--grace", "0"))
+    client: Process | None = None
+    pgid = 0
+    try:
+        wait_workers(broker, {"shell": 1})
+        client = _start_client(broker, f"echo $$ > {marker}; exec sleep 40", tmp_path, "--detach")
+        wait_until(lambda: marker.exists() and marker.read_text().strip(), 10, what="start")
+        pgid = int(marker.read_text())
+        client.signal(signal.SIGTERM)
+        assert client.wait(timeout=10) == 143
+        assert live_members(pgid), "--detach: the command goes on"
+    finally:
+        if client is not None:
+            client.kill()
+        worker.stop()  # SIGTERM, --grace 0: the worker ends it at once
+        if pgid:
+            wait_until(lambda: live_members(pgid) == [], 15, what="the worker to end it")
+
+
+def test_request_over_the_message_limit_is_refused_before_sending(tmp_path: Path) -> None:
+    """Defect 6: refused at once with the limit named (exit 65); nothing is sent (the broker
+    address here refuses connections, which would be exit 69)."""
+    big = {"command_type": "os", "command_name": "true", "parameters": ["x" * 100_000] * 20}
+    start = time.monotonic()
+    result = client_run(
+        "tcp://127.0.0.1:1", [shell("true"), big], tmp_path, "--max-msg-size", "1048576"
+    )
+    assert result.returncode == 65
+    assert "command [1]" in result.stderr
+    assert "over the broker's message limit of 1,048,576 bytes" in result.stderr
+    assert time.monotonic() - start < 10
+
+
+def test_retry_started_says_it_ran_twice_and_where(broker: str, tmp_path: Path) -> None:
+    """Defect 8: with --retry-started, a command that ran on two workers is not a plain ok:
+    the result names both (JSON `workers`, and the human header)."""
+    marker = tmp_path / "ran"
+    quiet = start_worker(broker, "quiet", tmp_path)  # no progress PARTIAL for 5 s
+    chatty: Process | None = None
+    try:
+        wait_workers(broker, {"shell": 1})
+        chatty = start_worker(broker, "chatty", tmp_path, extra=("--progress-interval", "0.1"))
+        wait_workers(broker, {"shell": 2})
+        commands = [shell(f"echo x >> {marker}; sleep 1.5")]
+        result = client_run(
+            broker, commands, tmp_path, "--timeout", "0.5", "--retry-started", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        (record,) = json.loads(result.stdout)["results"]
+        assert record["status"] == "ok" and record["attempts"] == 2
+        assert [w["name"] for w in record["workers"]] == ["quiet", "chatty"]
+        assert runs(marker) == 2
+        human = client_run(
+            broker, [shell("sleep 1.5")], tmp_path, "--timeout", "0.5", "--retry-started"
+        )
+        assert "RAN 2 TIMES, on quiet" in human.stdout
+    finally:
+        quiet.stop()
+        if chatty is not None:
+            chatty.stop()
+
+
+def test_human_output_shortens_a_long_command_line(broker: str, tmp_path: Path) -> None:
+    """Defect 9: the header shows the start of a long command line; --json keeps all of it."""
+    worker = start_worker(broker, "w", tmp_path, "os")
+    try:
+        wait_workers(broker, {"os": 1})
+        command = {"command_type": "os", "command_name": "true", "parameters": ["y" * 100_000]}
+        human = client_run(broker, [command], tmp_path)
+        assert human.returncode == 0, human.stderr
+        assert len(human.stdout) < 500
+        assert "chars)" in human.stdout
+        full = client_run(broker, [command], tmp_path, "--json")
+        assert json.loads(full.stdout)["results"][0]["parameters"] == ["y" * 100_000]
+    finally:
+        worker.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -100,23 +101,50 @@ def test_missing_file_exits_66(tmp_path: Path) -> None:
     assert "absent.json: no such file" in result.output
 
 
-def test_no_broker_exits_69_within_bound(commands: str) -> None:
+def test_refused_connection_exits_69_at_once_saying_so(commands: str) -> None:
+    """Issue 11 defect 7: nothing listens there; said within about a second, not after
+    every attempt timed out."""
     start = time.monotonic()
-    result = invoke("-f", commands, "-a", DEAD, "--timeout", "0.2", "--retries", "1")
+    result = invoke("-f", commands, "-a", DEAD, "--timeout", "5", "--retries", "2")
     elapsed = time.monotonic() - start
     assert result.exit_code == ExitCode.UNAVAILABLE
-    assert "no broker answered at tcp://127.0.0.1:1 (2 attempts, 0.2 s each)" in result.output
+    assert "cannot reach the broker at tcp://127.0.0.1:1: connection refused" in result.output
+    assert elapsed < 1.5
+
+
+def test_unknown_host_exits_69_at_once_saying_so(commands: str) -> None:
+    start = time.monotonic()
+    result = invoke("-f", commands, "-a", "tcp://no-such-host.invalid:5555", "--timeout", "5")
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    assert "unknown host 'no-such-host.invalid'" in result.output
+    assert time.monotonic() - start < 1.5
+
+
+def test_silent_broker_exits_69_within_bound(commands: str) -> None:
+    """Something accepts the connection but never answers: only the attempts can tell."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        result = invoke("-f", commands, "-a", endpoint, "--timeout", "0.2", "--retries", "1")
+        elapsed = time.monotonic() - start
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    assert f"no broker answered at {endpoint} (2 attempts, 0.2 s each)" in result.output
     assert elapsed < 0.4 + 1.0
 
 
 def test_options_from_environment(commands: str) -> None:
-    env = {
-        "MDP_CLIENT_FILE": commands,
-        "MDP_CLIENT_BROKER": DEAD,
-        "MDP_CLIENT_TIMEOUT": "0.1",
-        "MDP_CLIENT_RETRIES": "0",
-    }
-    result = invoke(env=env)
+    with socket.socket() as listener:  # accepts, never answers: the attempts tell
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        env = {
+            "MDP_CLIENT_FILE": commands,
+            "MDP_CLIENT_BROKER": f"tcp://127.0.0.1:{listener.getsockname()[1]}",
+            "MDP_CLIENT_TIMEOUT": "0.1",
+            "MDP_CLIENT_RETRIES": "0",
+        }
+        result = invoke(env=env)
     assert result.exit_code == ExitCode.UNAVAILABLE
     assert "(1 attempt, 0.1 s each)" in result.output
 
@@ -125,7 +153,7 @@ def test_options_from_environment(commands: str) -> None:
 def test_subcommands_without_broker_exit_69(args: list[str]) -> None:
     result = invoke("-a", DEAD, "--timeout", "0.1", "--retries", "0", *args)
     assert result.exit_code == ExitCode.UNAVAILABLE
-    assert "no broker answered" in result.output
+    assert "cannot reach the broker at tcp://127.0.0.1:1: connection refused" in result.output
     # Options are accepted after the subcommand too.
     result = invoke(*args, "-a", DEAD, "--timeout", "0.1", "--retries", "0")
     assert result.exit_code == ExitCode.UNAVAILABLE

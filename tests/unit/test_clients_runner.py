@@ -7,6 +7,7 @@ which decides what the "worker" sends back: a started PARTIAL, output, a result,
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -316,12 +317,29 @@ async def test_check_services_reports_unknown_services(fake: FakeCommandBroker) 
 
 
 async def test_check_services_without_broker() -> None:
-    client = Client("tcp://127.0.0.1:1", timeout=0.2, retries=1)
+    """Nothing listens: said at once, with the reason (issue 11 defect 7)."""
+    client = Client("tcp://127.0.0.1:1", timeout=5, retries=2)
+    start = asyncio.get_running_loop().time()
     try:
         with pytest.raises(ServiceCheckFailed) as info:
             await check_services(client, ["os", "shell"])
     finally:
         client.close()
     assert info.value.problems == [
-        "no broker answered at tcp://127.0.0.1:1 (2 attempts, 0.2 s each)"
+        "cannot reach the broker at tcp://127.0.0.1:1: connection refused (nothing listens there)"
     ]
+    assert asyncio.get_running_loop().time() - start < 1.5
+
+
+async def test_check_services_with_a_silent_broker() -> None:
+    with socket.socket() as listener:  # accepts the connection, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        client = Client(endpoint, timeout=0.2, retries=1)
+        try:
+            with pytest.raises(ServiceCheckFailed) as info:
+                await check_services(client, ["os", "shell"])
+        finally:
+            client.close()
+    assert info.value.problems == [f"no broker answered at {endpoint} (2 attempts, 0.2 s each)"]
