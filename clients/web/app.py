@@ -110,12 +110,13 @@ class GuardMiddleware:
 
 def _with_headers(send: Send, path: str) -> Send:
     """Add the security headers to every response: no framing (a cancel button under someone
-    else's page), no referrer (the login URL carries the token), and a content policy that
+    else's page), no referrer to other sites (the login URL carries the token; "no-referrer"
+    would make browsers send `Origin: null` on our own posts), and a content policy that
     lets pages run only our own script (Swagger UI needs its one inline script)."""
     policy = CSP_DOCS if path == "/api/v1/docs" else CSP
     extra = [
         (b"x-frame-options", b"DENY"),
-        (b"referrer-policy", b"no-referrer"),
+        (b"referrer-policy", b"same-origin"),
         (b"x-content-type-options", b"nosniff"),
         (b"content-security-policy", policy),
     ]

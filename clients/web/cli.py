@@ -202,7 +202,9 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
+    # Listen now: connections that come before the server runs wait in the backlog, so the
+    # printed URL works at once.
+    sock.listen(128)
     return sock
 
 

@@ -29,6 +29,7 @@ from clients.web.security import COOKIE, CSRF_FIELD, Guard
 __all__ = ["error_page", "login_page", "read_form", "router"]
 
 PAGE_SIZE: Final = 25
+JOB_SERVICE_PREFIXES: Final = ("jobs.", "titanic.")
 MAX_FORM: Final = 256 * 1024
 
 router = APIRouter(include_in_schema=False)
@@ -50,11 +51,13 @@ def _duration(job: dict[str, Any]) -> str:
     return f"{seconds:.2f} s" if seconds < 60 else f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
 
 
-def command_line(request: Any) -> str:
-    """A command request as one line, as a user would type it."""
+def command_line(request: Any, service: str = "") -> str:
+    """A command request as one line, as a user would type it (`CommandSpec.display`)."""
     if not isinstance(request, dict) or not isinstance(request.get("command_name"), str):
         return ""
     params = [p if isinstance(p, str) else "…" for p in request.get("parameters") or []]
+    if service.split("@", 1)[0] == "shell":  # the shell reads command_name as a script
+        return " ".join([request["command_name"], *map(shlex.quote, params)])
     return shlex.join([request["command_name"], *params])
 
 
@@ -176,11 +179,13 @@ async def dashboard(request: Request) -> Response:
         counts = await backend.count_jobs()
     except BackendError as exc:
         problems.append(exc.message)
+    job_services = [s for s in services if s.name.startswith(JOB_SERVICE_PREFIXES)]
     return render(
         request,
         "dashboard.html",
         tab="dashboard",
-        services=services,
+        services=[s for s in services if not s.name.startswith(JOB_SERVICE_PREFIXES)],
+        job_services=job_services,
         workers=workers,
         workers_available=workers_available,
         counts=counts,
@@ -291,7 +296,7 @@ async def _run_form(
         services = [
             s.name
             for s in await backend_of(request).services()
-            if not s.name.startswith(("jobs.", "titanic.")) and "@" not in s.name
+            if not s.name.startswith(JOB_SERVICE_PREFIXES) and "@" not in s.name
         ]
     except BackendError as exc:
         errors = [*errors, exc.message]
