@@ -7,6 +7,7 @@ the API refuses exactly what `mdp-client -f` refuses, with FastAPI's 422 and the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -21,8 +22,10 @@ from clients.web.backend import JOB_STATES, Backend, BackendError
 from clients.web.output import display_chunk
 from services.bodies import CommandRequest
 
-__all__ = ["SSE_WAIT", "router"]
+__all__ = ["RETRY_PAUSE", "SSE_WAIT", "router"]
 
+RETRY_PAUSE = 1.0
+"""Seconds between tries of a stream whose job service did not answer."""
 SSE_WAIT = 15.0
 """Seconds one long poll of `jobs.logs` waits for output; a keep-alive comment follows each."""
 
@@ -300,8 +303,14 @@ async def stream_events(backend: Backend, job: dict[str, Any], start: int) -> As
         try:
             logs = await backend.logs(job_id, start, 256, wait=wait)
         except BackendError as exc:
-            yield sse("problem", {"detail": exc.message})
-            return
+            if exc.status != 503:
+                yield sse("problem", {"detail": exc.message})
+                return
+            # The job service is away (restarting, overloaded): say so and keep trying; the
+            # stream resumes where it was when it answers again.
+            yield sse("problem", {"detail": exc.message, "retrying": True})
+            await asyncio.sleep(RETRY_PAUSE)
+            continue
         chunks = logs.get("chunks") or []
         for chunk in chunks:
             yield sse("output", display_chunk(chunk), int(chunk["n"]))

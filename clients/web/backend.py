@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -42,6 +43,8 @@ WORKERS_SERVICE: Final = b"mmi.workers"
 """The fleet's MMI extension (issue 14): a msgpack list of one map per worker."""
 CALL_TIMEOUT: Final = 5.0
 """Seconds a job-service call may stay silent (on top of a long poll's own wait)."""
+ATTEMPTS: Final = 3
+"""Attempts of a job-service call (they are all safe to repeat)."""
 COUNT_CAP: Final = 10_000
 """Jobs counted per state at most (`count_jobs`): counting walks `jobs.list` pages."""
 
@@ -112,16 +115,31 @@ class Backend:
     # Job services (spec/jobs.md)
 
     async def call(self, service: str, body: dict[str, Any], *, wait: float = 0) -> dict[str, Any]:
-        """One job-service request; the answer map when its `status` is `ok`."""
+        """One job-service request; the answer map when its `status` is `ok`.
+
+        An attempt silent for `CALL_TIMEOUT` (plus a long poll's `wait`) is sent again, up to
+        `ATTEMPTS` in all: every job service is safe to repeat (reads, cancel, and a submit
+        carries its own id, so a repeated one is the same job, spec/jobs.md §3.1). After the
+        first silence the broker is asked whether the service has a worker at all, so a missing
+        mdp-jobs is reported at once instead of after every attempt.
+        """
         frame = msgpack.packb(body, use_bin_type=True)
-        try:
-            reply = await self.client.request(
-                service, frame, timeout=CALL_TIMEOUT + wait, retries=0
-            )
-        except RequestTimeout:
-            raise BackendError(503, await self._why_silent(service)) from None
-        except MDPError as exc:
-            raise BackendError(502, f"{service}: {exc}") from None
+        reply: list[bytes] | None = None
+        for attempt in range(ATTEMPTS):
+            try:
+                reply = await self.client.request(
+                    service, frame, timeout=CALL_TIMEOUT + wait, retries=0
+                )
+                break
+            except RequestTimeout:
+                if attempt == 0:
+                    why = await self._why_silent(service)
+                    if why is not None:
+                        raise BackendError(503, why) from None
+            except MDPError as exc:
+                raise BackendError(502, f"{service}: {exc}") from None
+        if reply is None:
+            raise BackendError(503, f"{service} did not answer in time")
         try:
             answer = msgpack.unpackb(reply[0], raw=False) if len(reply) == 1 else None
         except Exception:  # msgpack raises several unrelated types for bad input
@@ -138,19 +156,22 @@ class Backend:
             raise BackendError(409, message)
         raise BackendError(503, f"{service}: {message}")
 
-    async def _why_silent(self, service: str) -> str:
-        """Tell a missing job service from a broker that does not answer at all."""
+    async def _why_silent(self, service: str) -> str | None:
+        """Why `service` is silent when nobody serves it (None: it has workers, retry)."""
         try:
             present = await self.client.service_exists(service)
         except (RequestTimeout, MDPError):
             return "the broker did not answer"
         if not present:
             return f"no worker serves {service}: is mdp-jobs running?"
-        return f"{service} did not answer in time"
+        return None
 
     async def submit(self, service: str, request: dict[str, Any]) -> dict[str, Any]:
         """`jobs.submit`: {"id", "state", "created"}."""
-        return await self.call("jobs.submit", {"service": service, "request": request})
+        job_id = uuid.uuid4().hex  # our own id makes a repeated submit the same job
+        return await self.call(
+            "jobs.submit", {"id": job_id, "service": service, "request": request}
+        )
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """`jobs.status` of one id: the job, or {"id", "state": "unknown"|"expired", ...}."""

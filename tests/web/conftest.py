@@ -159,7 +159,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
             proc.stop()
 
 
-def wait_for_state(http: httpx.Client, job_id: str, states: set[str], timeout: float = 20) -> dict:
+def wait_for_state(http: httpx.Client, job_id: str, states: set[str], timeout: float = 30) -> dict:
     """Poll the API until the job is in one of `states`; the job."""
 
     def reached() -> dict | None:

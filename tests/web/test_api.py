@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,14 +22,19 @@ def http(console: Console) -> Iterator[httpx.Client]:
         yield client
 
 
-def read_events(response: httpx.Response) -> list[dict[str, object]]:
-    """Parse a text/event-stream body into [{"id", "event", "data"}] until `end`."""
+def read_events(
+    response: httpx.Response, on_output: Callable[[], None] | None = None
+) -> list[dict[str, object]]:
+    """Parse a text/event-stream body into [{"id", "event", "data"}] until `end`;
+    `on_output` is called after each output event."""
     events: list[dict[str, object]] = []
     current: dict[str, object] = {}
     for line in response.iter_lines():
         if not line:
             if "event" in current:
                 events.append(current)
+                if current["event"] == "output" and on_output is not None:
+                    on_output()
                 if current["event"] == "end":
                     return events
             current = {}
@@ -241,15 +247,27 @@ def test_cancel_ends_a_running_command_and_rerun_makes_a_new_job(http: httpx.Cli
 # Live output
 
 
-def test_events_give_stored_then_live_chunks_then_the_end(http: httpx.Client) -> None:
+def test_events_give_stored_then_live_chunks_then_the_end(
+    http: httpx.Client, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"
     job_id = submit(
         http,
         command_type="shell",
-        command_name="echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three",
+        command_name=f"echo one; while [ ! -e {go} ]; do sleep 0.05; done; echo two >&2; "
+        "sleep 0.2; echo three",
     )
+    wait_for_state(http, job_id, {"running"})
+    states: list[str] = []
+
+    def release() -> None:  # the command goes on only once "one" came through the stream
+        states.append(http.get(f"/api/v1/jobs/{job_id}").json()["state"])
+        go.touch()
+
     with http.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = read_events(response)
+        events = read_events(response, release)
+    assert states[0] == "running"  # "one" was streamed live, before the end
     assert events[0]["event"] == "state"
     assert events[-1]["event"] == "end"
     assert events[-1]["data"]["state"] == "ok"  # type: ignore[index]

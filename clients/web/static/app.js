@@ -70,12 +70,20 @@
     if (final && chunks === 0 && final.textContent.trim()) final.hidden = false;
     output.dataset.done = "true";
   });
+  let note = null;
   source.addEventListener("problem", (e) => {
-    const detail = JSON.parse(e.data).detail;
-    const note = document.createElement("p");
-    note.className = "alert";
-    note.setAttribute("role", "alert");
-    note.textContent = detail;
-    output.before(note);
+    if (!note) {
+      note = document.createElement("p");
+      note.className = "alert";
+      note.setAttribute("role", "alert");
+      output.before(note);
+    }
+    note.textContent = JSON.parse(e.data).detail;
+  });
+  source.addEventListener("output", () => {
+    if (note) {
+      note.remove();
+      note = null;
+    }
   });
 })();
