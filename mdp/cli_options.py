@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import click
 import zmq
+from prometheus_client import CollectorRegistry
 
 from mdp import logs
 from mdp.endpoints import EndpointError, check_endpoint
+from mdp.metrics import MetricsBindError, parse_bind, serve_metrics
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from mdp.security import KeyFileError, SocketOptions, curve_client_options
 
@@ -176,3 +179,37 @@ def curve_socket_options(secret: str | None, server: str | None) -> SocketOption
         raise click.BadParameter(
             str(exc), param_hint="'--curve-secret-key/--curve-server-key'"
         ) from None
+
+
+def metrics_option(what: str) -> Callable[[F], F]:
+    """Add --metrics-bind HOST:PORT: serve Prometheus metrics about `what` (mdp.metrics)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_bind(value)
+            except MetricsBindError as exc:
+                raise click.BadParameter(str(exc), ctx, param) from None
+        return value
+
+    return click.option(
+        "--metrics-bind",
+        default=None,
+        metavar="HOST:PORT",
+        callback=check,
+        show_envvar=True,
+        help=f"Serve Prometheus metrics about {what} at http://HOST:PORT/metrics (e.g. "
+        "127.0.0.1:9100; metric names in spec/api.md). Off by default.",
+    )
+
+
+def start_metrics(value: str, registry: CollectorRegistry) -> None:
+    """Serve `registry` at --metrics-bind `value`; a port that cannot be bound is a usage
+    error (exit 1), never a traceback."""
+    try:
+        host, port = serve_metrics(value, registry)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve metrics on {value}: {exc.strerror or exc}"
+        ) from None
+    logging.getLogger("mdp").info("metrics at http://%s:%d/metrics", host, port)

@@ -10,6 +10,7 @@ import sys
 from typing import ClassVar
 
 import click
+from prometheus_client import CollectorRegistry
 
 from mdp import __version__, logs
 from mdp.cli_options import (
@@ -18,6 +19,8 @@ from mdp.cli_options import (
     endpoint_callback,
     heartbeat_options,
     log_options,
+    metrics_option,
+    start_metrics,
 )
 from mdp.endpoints import is_local_endpoint
 from mdp.protocol import Version
@@ -31,6 +34,7 @@ from services.command import (
     validate_worker_name,
 )
 from services.execution import Limits
+from services.metrics import CommandMetrics
 from services.policy import ChildLimits, CommandPolicy
 from services.registry import BUILTIN, ServiceSpecError, control_services, load_services
 from services.watchdog import Watchdog, default_state_dir, reap_leftovers
@@ -219,6 +223,7 @@ class ByteSize(click.ParamType):
     help="Process limit (RLIMIT_NPROC, set in the child). The kernel counts all processes of "
     "the user the command runs as, so use it with --user and a dedicated account.",
 )
+@metrics_option("the commands it runs")
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-worker")
 def main(
     services: tuple[str, ...],
@@ -243,6 +248,7 @@ def main(
     max_procs: int | None,
     name: str | None,
     state_dir: str | None,
+    metrics_bind: str | None,
 ) -> None:
     """Host services on an MDP broker: run the commands clients send to "os" and "shell".
 
@@ -306,9 +312,15 @@ def main(
         raise click.BadParameter(
             f"cannot start the watchdog in {directory}: {exc}", param_hint="'--state-dir'"
         ) from None
+    metrics = None
+    if metrics_bind is not None:
+        registry = CollectorRegistry()
+        metrics = CommandMetrics(registry)
+        start_metrics(metrics_bind, registry)
     for service in hosted:
         if isinstance(service.handler, CommandService):
             service.handler.tracker = watchdog
+            service.handler.metrics = metrics
     control = control_services(hosted)
     # Warnings only once every option is known to be good: a usage error says nothing else.
     if not socket_options and not is_local_endpoint(broker):

@@ -38,6 +38,7 @@ from services.bodies import (
 )
 from services.dedup import RequestCache
 from services.execution import Emit, GroupTracker, Limits, Outcome, RunControl, run_process
+from services.metrics import CommandMetrics
 from services.policy import ChildLimits, CommandPolicy
 
 __all__ = [
@@ -171,6 +172,8 @@ class CommandService:
         """Runs in progress by request_id: what a cancel message reaches."""
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         self.service_name: str = mode
+        self.metrics: CommandMetrics | None = None
+        """Prometheus counters of the answers (`mdp-worker --metrics-bind`), when on."""
 
     def service(self, name: str | None = None) -> Service:
         self.service_name = name or self.mode
@@ -245,6 +248,15 @@ class CommandService:
         return None
 
     async def __call__(self, request: Request) -> list[bytes]:
+        metrics = self.metrics
+        if metrics is None:
+            return await self._handle(request)
+        with metrics.handling(self.service_name):
+            reply = await self._handle(request)
+        metrics.answered(self.service_name, reply)
+        return reply
+
+    async def _handle(self, request: Request) -> list[bytes]:
         worker = self._worker(request)
         try:
             command = parse_request(request.body)

@@ -6,11 +6,20 @@ import sys
 
 import click
 import zmq
+from prometheus_client import CollectorRegistry
 
 from mdp import __version__, logs
 from mdp.broker.core import BrokerConfig
+from mdp.broker.metrics import BrokerCollector
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
-from mdp.cli_options import curve_options, endpoint_callback, heartbeat_options, log_options
+from mdp.cli_options import (
+    curve_options,
+    endpoint_callback,
+    heartbeat_options,
+    log_options,
+    metrics_option,
+    start_metrics,
+)
 from mdp.security import BrokerAuth, SecurityError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
@@ -76,6 +85,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     help="Allow listening on a non-loopback address without CURVE. Anyone who can reach the "
     "port can then run commands on the workers; a warning is logged on every start.",
 )
+@metrics_option("requests, services and workers")
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-broker")
 def main(
     binds: tuple[str, ...],
@@ -91,6 +101,7 @@ def main(
     allow_clients: str | None,
     allow_workers: str | None,
     insecure: bool,
+    metrics_bind: str | None,
 ) -> None:
     """Route MDP requests from clients to workers by service name.
 
@@ -129,6 +140,10 @@ def main(
         raise click.ClickException(str(exc)) from None
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot listen on {', '.join(binds)}: {exc}") from None
+    if metrics_bind is not None:
+        registry = CollectorRegistry()
+        registry.register(BrokerCollector(server.core))
+        start_metrics(metrics_bind, registry)
     server.serve(handle_signals=True)
     sys.exit(0)
 

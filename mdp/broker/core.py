@@ -126,11 +126,30 @@ class Worker:
     gone: bool = False
 
 
+@dataclass(slots=True)
+class ServiceCounts:
+    """What happened to the requests of one service name (metrics; read, never reset).
+    Kept in `BrokerCore.service_counts`, so the counts outlive the `Service` they count."""
+
+    received: int = 0
+    replied: int = 0
+    expired: int = 0
+    dropped_queue_full: int = 0
+    lost_with_worker: int = 0
+
+
+MAX_COUNTED_SERVICES = 1000
+"""Service names counted one by one; any further name is counted under `OTHER_SERVICES`
+(clients choose names, so their number must not grow the broker's memory without bound)."""
+OTHER_SERVICES = b"(other)"
+
+
 @dataclass(slots=True, eq=False)
 class Service:
     """One service: its queued requests and its idle workers, least recently used first."""
 
     name: bytes
+    counts: ServiceCounts
     requests: deque[Request] = field(default_factory=deque)
     idle: deque[Worker] = field(default_factory=deque)
     idle_count: int = 0
@@ -145,6 +164,7 @@ class BrokerCore:
         self.stats = BrokerStats()
         self.workers: dict[bytes, Worker] = {}
         self.services: dict[bytes, Service] = {}
+        self.service_counts: dict[bytes, ServiceCounts] = {}
         self.outbox: list[list[bytes]] = []
         self._expiry = self.config.heartbeat_interval * self.config.liveness
         self._busy_expiry = self.config.busy_timeout
@@ -182,9 +202,11 @@ class BrokerCore:
         self.stats.requests += 1
         service = self.services.get(service_name)
         if service is None:
-            service = self.services[service_name] = Service(service_name)
+            service = self._new_service(service_name)
+        service.counts.received += 1
         if len(service.requests) >= self.config.max_queue:
             self.stats.requests_dropped_queue_full += 1
+            service.counts.dropped_queue_full += 1
             return
         request = Request(client, message.framing, message.body, now + self.config.request_ttl)
         worker = self._pop_idle(service) if not service.requests else None
@@ -218,6 +240,7 @@ class BrokerCore:
             service = worker.service
             if command is Command.FINAL:
                 self.stats.replies += 1
+                service.counts.replied += 1
                 self.outbox.append([request.client, *request.framing.final(service.name, body)])
                 worker.request = None
                 self._make_idle(worker, now)
@@ -265,7 +288,7 @@ class BrokerCore:
             return
         service = self.services.get(name)
         if service is None:
-            service = self.services[name] = Service(name)
+            service = self._new_service(name)
         worker = Worker(
             identity,
             service,
@@ -291,6 +314,7 @@ class BrokerCore:
                 self._deliver(worker, request, now)
                 return
             self.stats.requests_expired += 1
+            service.counts.expired += 1
         service.idle.append(worker)
         service.idle_count += 1
 
@@ -334,6 +358,7 @@ class BrokerCore:
                     service.requests.appendleft(request)
             else:
                 self.stats.requests_lost_with_worker += 1
+                service.counts.lost_with_worker += 1
         else:
             service.idle_count -= 1
             # Compact lazily so a churn of reconnecting workers cannot grow the idle queue.
@@ -356,6 +381,18 @@ class BrokerCore:
     def _reject(self, identity: bytes, framing: WorkerFraming) -> None:
         self.stats.unexpected_commands += 1
         self.outbox.append([identity, *framing.command(Command.DISCONNECT)])
+
+    def _new_service(self, name: bytes) -> Service:
+        """A new entry in `services`, counting into the counts its name already has."""
+        counts = self.service_counts.get(name)
+        if counts is None:
+            if len(self.service_counts) >= MAX_COUNTED_SERVICES:
+                name_counted = OTHER_SERVICES
+            else:
+                name_counted = name
+            counts = self.service_counts.setdefault(name_counted, ServiceCounts())
+        service = self.services[name] = Service(name, counts)
+        return service
 
     def _drop_if_unused(self, service: Service) -> None:
         if not service.worker_count and not service.requests:
@@ -386,6 +423,7 @@ class BrokerCore:
             while requests and requests[0].expires_at <= now:
                 requests.popleft()
                 self.stats.requests_expired += 1
+                service.counts.expired += 1
             self._drop_if_unused(service)
         return now + self._tick_period
 
