@@ -362,7 +362,15 @@ def _lost_message(exc: RequestTimeout, outcome: CommandOutcome, v01: bool, timeo
         )
     if exc.partials:
         return f"went silent after starting; {exc.attempts} attempts, none finished"
-    return f"no answer from {', '.join(dict.fromkeys(exc.endpoints))} ({exc.attempts} attempts)"
+    tries = "attempt" if exc.attempts == 1 else "attempts"
+    if v01:
+        return f"no answer from {', '.join(dict.fromkeys(exc.endpoints))} ({exc.attempts} {tries})"
+    # spec §14.1: every attempt's start deadline has passed; none can start any more.
+    return (
+        f"no worker started it ({exc.attempts} {tries} through "
+        f"{', '.join(dict.fromkeys(exc.endpoints))}, {timeout:g} s each); it will not start "
+        "later. Were all workers busy? (mdp-client services shows queued requests)"
+    )
 
 
 def _worker(worker: WorkerInfo) -> str:

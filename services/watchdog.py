@@ -238,8 +238,11 @@ def _main(state_file: str) -> int:
     # The worker's signals are not ours: only the end of the pipe stops us.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    fd = os.open(state_file, os.O_RDWR | os.O_CREAT, 0o600)
+    # Created under a name `reap_leftovers` ignores, locked, then renamed: a worker starting at
+    # this moment can never take the new file for a dead watchdog's.
+    fd = os.open(state_file + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(state_file + ".new", state_file)
     os.write(1, b"ready\n")
     os.close(1)
     groups: dict[int, int] = {}

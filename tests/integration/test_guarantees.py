@@ -541,3 +541,40 @@ def test_human_output_shortens_a_long_command_line(broker: str, tmp_path: Path) 
         assert json.loads(full.stdout)["results"][0]["parameters"] == ["y" * 100_000]
     finally:
         worker.stop()
+
+
+def test_one_command_on_a_terminal_shows_its_output_as_it_comes(
+    broker: str, tmp_path: Path
+) -> None:
+    """Defect 5, the client side: without --stream, one command's output still appears on a
+    terminal while it runs, not only at the end."""
+    import pty
+    import select
+
+    worker = start_worker(broker, "w", tmp_path)
+    master, slave = pty.openpty()
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(shell("echo early; sleep 3; echo late")))
+    client = subprocess.Popen(
+        [script("mdp-client"), "-a", broker, "-f", str(path), "--timeout", "5"],
+        stdout=slave,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    os.close(slave)
+    try:
+        wait_workers(broker, {"shell": 1})
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"early" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 4096)
+        assert b"early" in seen
+        assert b"late" not in seen and client.poll() is None, "shown only at the end"
+        assert client.wait(timeout=15) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        os.close(master)
+        worker.stop()

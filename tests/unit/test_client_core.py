@@ -135,3 +135,39 @@ def test_no_retries_fails_after_first_silence() -> None:
     c.start(0.0)
     with pytest.raises(RequestTimeout):
         c.expire(1.0)
+
+
+# --- hooks for services that must not run twice (spec/mdp.md §6, command-service §14.1) ----
+
+
+def test_each_attempt_gets_the_body_rebuild_makes() -> None:
+    c = core(rebuild=lambda n: [f"attempt {n}".encode()])
+    assert c.start(0.0).frames[-1] == b"x"  # attempt 1: the body given (already checked)
+    assert c.expire(1.0).frames[-1] == b"attempt 2"
+    assert c.expire(2.0).frames[-1] == b"attempt 3"
+
+
+def test_settle_holds_an_attempt_without_partials_open_longer() -> None:
+    c = core(settle=0.5)
+    c.start(0.0)
+    assert c.deadline == 1.5  # not started: kept until it can no longer start
+    c.receive(partial(), 0.2)
+    assert c.deadline == 1.2  # started: the plain liveness timeout
+
+
+def test_a_not_run_final_turns_into_the_next_attempt() -> None:
+    c = core(retries=1)
+    c.start(0.0)
+    c.receive(final(b"expired"), 0.1)
+    retry = c.retry_after_final(0.1)
+    assert retry is not None and retry.attempt == 2 and retry.endpoint == EP[1]
+    assert c.state == "waiting"
+    c.receive(final(b"expired"), 0.2)
+    assert c.retry_after_final(0.2) is None  # no retry left: that FINAL is the answer
+
+
+def test_a_not_run_final_is_not_retried_when_the_policy_refuses() -> None:
+    c = core()
+    c.start(0.0)
+    c.receive(final(), 0.1)
+    assert c.retry_after_final(0.1, lambda failed: False) is None
