@@ -28,7 +28,8 @@ Exit codes:
   0  every required (MUST) rule passed (SHOULD/MAY/EXT results never change this)
   1  at least one MUST rule failed
   2  usage error
-  3  the peer under test could not be started (or reached) at all
+  3  the broker could not be started at all (a worker or client that cannot
+     start fails each case instead, with its output)
 
 See docs/conformance.md for every rule and its RFC clause."""
 
@@ -45,7 +46,7 @@ def common(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["0.1", "0.2", "both"]),
             default="both",
             show_default=True,
-            help="Protocol version(s) to check; rules of the others are reported as skipped.",
+            help="Protocol version(s) to check (a rule that needs both is skipped with one).",
         ),
         click.option(
             "--rule",
@@ -249,7 +250,6 @@ def broker(
 @click.option(
     "--cmd",
     metavar="CMD",
-    required=True,
     help="Start the worker with this command, afresh for every case. Placeholders: "
     "{endpoint} (the suite's broker, to connect to), {service}, {heartbeat_ms}, {liveness}, "
     "{mdp_version} (0.1 or 0.2: the version the case checks).",
@@ -273,7 +273,7 @@ def broker(
 )
 @common
 def worker(
-    cmd: str,
+    cmd: str | None,
     service: str,
     heartbeat_ms: int | None,
     liveness: int | None,
@@ -294,7 +294,11 @@ def worker(
     """
     from mdp_conformance.worker import WorkerSettings, WorkerSubject
 
-    if "{endpoint}" not in cmd:
+    if list_only:
+        cmd = cmd or ""
+    elif cmd is None:
+        raise click.UsageError("--cmd is required: the command that starts the worker")
+    elif "{endpoint}" not in cmd:
         raise click.UsageError("--cmd must contain {endpoint}: the address the worker connects to")
     if "{mdp_version}" not in cmd and mdp_version == "both" and not list_only:
         raise click.UsageError(
@@ -325,7 +329,6 @@ def worker(
 @click.option(
     "--cmd",
     metavar="CMD",
-    required=True,
     help="Run the client with this command (once or more per case). Placeholders: "
     "{endpoint} (the suite's broker), {service}, {body} (a word of its own: becomes one "
     "argument per body frame), {mdp_version}, {timeout_ms} (the --retry-after-ms value).",
@@ -344,7 +347,7 @@ def worker(
 )
 @common
 def client(
-    cmd: str,
+    cmd: str | None,
     service: str,
     retry_after_ms: int | None,
     mdp_version: str,
@@ -363,7 +366,11 @@ def client(
     """
     from mdp_conformance.client import ClientSettings, ClientSubject
 
-    if "{endpoint}" not in cmd:
+    if list_only:
+        cmd = cmd or ""
+    elif cmd is None:
+        raise click.UsageError("--cmd is required: the command that starts the client")
+    elif "{endpoint}" not in cmd:
         raise click.UsageError("--cmd must contain {endpoint}: the address the client connects to")
     if "{mdp_version}" not in cmd and mdp_version == "both" and not list_only:
         raise click.UsageError(
