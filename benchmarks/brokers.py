@@ -255,12 +255,13 @@ def broker_command(
     log_level: str = "WARNING",
     c_broker: str | None = None,
     worker_endpoint: str = "",
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The command line that starts broker `kind` on `endpoint`.
 
     `wrapper` goes between the interpreter and `-m`, e.g. `["-m", "cProfile", "-o", PATH]`.
     `curve` and `log_level` apply to our broker only; `c_broker` (the binary) to "c";
-    `worker_endpoint` (the DEALER side) to "proxy".
+    `worker_endpoint` (the DEALER side) to "proxy"; `extra_args` (more options) to "ours".
     """
     python = [sys.executable, *(wrapper or [])]
     if kind == "c":
@@ -277,7 +278,7 @@ def broker_command(
             command += ["--request-ttl", str(request_ttl)]
         if curve is not None:
             command += curve.broker_arguments()
-        return command
+        return [*command, *extra_args]
     command = [*python, "-m", "majortomo.broker", "-b", endpoint]
     if config_path is not None:
         command += ["-c", str(config_path)]
@@ -293,6 +294,7 @@ def start_broker(
     pythonpath: str | None = None,
     security: Security = "plain",
     c_broker: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> BrokerProcess:
     """Start broker `kind` on a free loopback port and wait until it accepts connections.
 
@@ -323,6 +325,7 @@ def start_broker(
         log_level="INFO" if security == "curve-info" else "WARNING",
         c_broker=c_broker,
         worker_endpoint=worker_endpoint,
+        extra_args=extra_args,
     )
     env = None
     if pythonpath:
