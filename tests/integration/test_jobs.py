@@ -18,10 +18,11 @@ from tests.integration.jobs_harness import (
     JobsClient,
     start_command_worker,
     start_jobs,
+    start_jobs_broker,
     wait_registered,
 )
 from tests.integration.test_worker_harness import group_alive, wait_workers, workers_of
-from tests.support import Process, free_tcp_endpoint, script, start_broker, wait_until
+from tests.support import Process, free_tcp_endpoint, script, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,7 +60,7 @@ class System:
         )
 
     def restart_broker(self) -> None:
-        self.broker = start_broker(self.endpoint)
+        self.broker = start_jobs_broker(self.endpoint)
 
     def counted(self, name: str, then: str = "true") -> dict[str, str]:
         """A shell command that appends a line to marker file `name` each time it runs."""
@@ -75,7 +76,7 @@ def system(tmp_path: Path) -> Iterator[System]:
     endpoint = free_tcp_endpoint()
     markers = tmp_path / "markers"
     markers.mkdir()
-    sys_ = System(endpoint, tmp_path / "jobs.sqlite3", markers, start_broker(endpoint))
+    sys_ = System(endpoint, tmp_path / "jobs.sqlite3", markers, start_jobs_broker(endpoint))
     try:
         yield sys_
     finally:

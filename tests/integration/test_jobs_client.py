@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.jobs_harness import start_command_worker, start_jobs, wait_registered
+from tests.integration.jobs_harness import (
+    start_command_worker,
+    start_jobs,
+    start_jobs_broker,
+    wait_registered,
+)
 from tests.integration.test_worker_harness import wait_workers
-from tests.support import Process, free_tcp_endpoint, script, start_broker, wait_until
+from tests.support import Process, free_tcp_endpoint, script, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,7 +36,7 @@ def client(endpoint: str, *args: str, stdin: str | None = None) -> subprocess.Co
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     where = free_tcp_endpoint()
     db = tmp_path_factory.mktemp("jobs") / "jobs.sqlite3"
-    broker = start_broker(where)
+    broker = start_jobs_broker(where)
     worker = start_command_worker(where, "-s", "shell", "-s", "os", "-c", "2")
     jobs = start_jobs(where, db)
     procs: list[Process] = [jobs, worker, broker]

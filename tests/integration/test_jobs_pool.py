@@ -9,8 +9,9 @@ import pytest
 
 from mdp.worker import Request, Service, WorkerOptions
 from services.jobs.pool import WorkerPool
+from tests.integration.jobs_harness import start_jobs_broker
 from tests.integration.test_worker_harness import RawClient, workers_of
-from tests.support import TEST_HEARTBEAT_MS, TEST_LIVENESS, free_tcp_endpoint, start_broker
+from tests.support import free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,8 +28,8 @@ async def upper(request: Request) -> list[bytes]:
 def options(endpoint: str) -> WorkerOptions:
     return WorkerOptions(
         broker=endpoint,
-        heartbeat_interval=TEST_HEARTBEAT_MS / 1000,
-        liveness=TEST_LIVENESS,
+        heartbeat_interval=0.25,  # as start_jobs_broker's
+        liveness=4,
         grace=1.0,
     )
 
@@ -48,7 +49,7 @@ def ask(endpoint: str, body: bytes) -> list[bytes]:
 
 async def test_pool_serves_requests_on_every_connection_and_survives_errors() -> None:
     endpoint = free_tcp_endpoint()
-    broker = start_broker(endpoint)
+    broker = start_jobs_broker(endpoint)
     pool = WorkerPool([(Service("upper", upper), 3)], options(endpoint))
     task = asyncio.create_task(pool.run())
     try:
@@ -61,12 +62,12 @@ async def test_pool_serves_requests_on_every_connection_and_survives_errors() ->
         assert time.monotonic() - start < 1.4  # in parallel, not one after the other
         failed = await asyncio.to_thread(ask, endpoint, b"boom")
         assert failed == [b"error", b"ValueError: boom"]
-        await asyncio.sleep(0.6)  # several heartbeat intervals: still registered
+        await asyncio.sleep(1.2)  # several heartbeat intervals: still registered
         assert await asyncio.to_thread(ask, endpoint, b"hi") == [b"working", b"HI"]
         assert workers_of(endpoint, "upper") == 3
         broker.kill()
         broker.wait(5)
-        broker = start_broker(endpoint)
+        broker = start_jobs_broker(endpoint)
         await until(lambda: workers_of(endpoint, "upper") == 3)
         assert await asyncio.to_thread(ask, endpoint, b"again") == [b"working", b"AGAIN"]
         pool.stop()
