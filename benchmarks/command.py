@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 import psutil
@@ -404,10 +404,68 @@ def _helpers_cpu(process: psutil.Process) -> dict[int, float]:
     return out
 
 
+def py_spy_path() -> str | None:
+    """The py-spy executable (next to this interpreter, or on PATH), or None."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+# Where a worker sample goes: the first marker found from the innermost frame outwards decides.
+PROFILE_CATEGORIES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    ("spawning the command (subprocess.Popen: pipes, fork/exec)", ("Popen.",)),
+    ("telling the watchdog (+PGID/-PGID)", ("Watchdog.",)),
+    (
+        "following the child (pidfd, pipe readers, output, timers)",
+        ("_Run.", "_Capture.", "run_process", "RunControl."),
+    ),
+    (
+        "request and reply bodies (msgpack, pydantic)",
+        ("parse_request", "BaseModel.", "pack", "unpack", "_Body.", "model_"),
+    ),
+    (
+        "MDP messaging (zmq.asyncio socket, worker core and loop)",
+        ("Worker.", "WorkerCore.", "_AsyncSocket.", "Socket.", "Request.", "_checked_body"),
+    ),
+    ("the command service's own steps", ("CommandService.",)),
+)
+OTHER_CATEGORY: Final = "asyncio event loop and the rest"
+
+
+def profile_categories(path: str) -> tuple[int, dict[str, float]]:
+    """Share of the worker's samples per `PROFILE_CATEGORIES` entry, from py-spy's raw output.
+
+    Only the worker process's samples inside its event loop count (not its start-up, not the
+    watchdog or the commands, which `--subprocesses` also samples). Returns (samples, shares).
+    """
+    counts: dict[str, int] = {}
+    total = 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        stack, _, number = line.rpartition(" ")
+        frames = stack.split(";")
+        if not number.isdigit() or not frames or "mdp-worker" not in frames[0]:
+            continue
+        if not any("_run_once" in frame for frame in frames):
+            continue
+        category = OTHER_CATEGORY
+        for frame in reversed(frames):
+            name = frame.split(" (", 1)[0]
+            found = next(
+                (label for label, marks in PROFILE_CATEGORIES if any(m in name for m in marks)),
+                None,
+            )
+            if found is not None:
+                category = found
+                break
+        counts[category] = counts.get(category, 0) + int(number)
+        total += int(number)
+    return total, {k: v / total for k, v in counts.items()} if total else {}
+
+
 def _start_py_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
     spy = subprocess.Popen(
         [
-            *("py-spy", "record", "--pid", str(pid), "--rate", "500", "--subprocesses"),
+            *(py_spy_path() or "py-spy", "record", "--pid", str(pid), "--rate", "500"),
+            "--subprocesses",
             *("--format", "raw", "--output", path),
         ],
         stdout=subprocess.DEVNULL,

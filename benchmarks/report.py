@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.command import CONCURRENCY, CeilingResult, CommandResult
+from benchmarks.command import (
+    CONCURRENCY,
+    OTHER_CATEGORY,
+    PROFILE_CATEGORIES,
+    CeilingResult,
+    CommandResult,
+)
 from benchmarks.loadgen import Scenario, ThroughputResult
 from benchmarks.scale import IdleResult, QueueResult
 
@@ -62,6 +68,8 @@ class RunData:
     c_broker: list[list[ThroughputResult]] = field(default_factory=list)
     """Per repetition, the C broker's and our runs in MDP/0.1, in the order they ran."""
     c_broker_path: str = ""
+    command_profiles: list[dict[str, Any]] = field(default_factory=list)
+    """Per concurrency: py-spy samples of the worker and their shares per category."""
 
 
 def load(raw: dict[str, Any]) -> RunData:
@@ -973,6 +981,38 @@ def _command_section(data: RunData) -> list[str]:
         ],
         summary,
     )
+    return [*lines, "", *_profile_section(data)]
+
+
+def _profile_section(data: RunData) -> list[str]:
+    profiles = [p for p in data.command_profiles if p.get("samples")]
+    if not profiles:
+        return []
+    lines = [
+        "### Where the worker's time goes",
+        "",
+        "One extra run per concurrency with the worker sampled by py-spy (500 Hz, its event",
+        "loop only: no start-up, and the watchdog and the commands apart). Each sample is",
+        "put in the first category found from the innermost frame outwards",
+        "(`benchmarks.command.PROFILE_CATEGORIES`). µs per command = the share times the",
+        "worker's own CPU per command at that concurrency (median of the runs above, which were",
+        "not sampled).",
+        "",
+    ]
+    names = [label for label, _ in PROFILE_CATEGORIES] + [OTHER_CATEGORY]
+    own = {
+        n: median([c.worker_own_cpu_ms_per_1000 for c in data.command if c.concurrency == n])
+        for n in {p["concurrency"] for p in profiles}
+    }
+    rows = []
+    for name in names:
+        row = [name]
+        for p in profiles:
+            share = p["shares"].get(name, 0.0)
+            row.append(f"{share:.0%} ({_fmt(share * own[p['concurrency']], 0)} µs)")
+        rows.append(row)
+    rows.append(["samples"] + [str(p["samples"]) for p in profiles])
+    lines += _table(["", *(f"N = {p['concurrency']}" for p in profiles)], rows)
     return [*lines, ""]
 
 

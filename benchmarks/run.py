@@ -28,6 +28,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import psutil
 import zmq
 
 from benchmarks.brokers import BROKERS, BrokerKind, BrokerProcess, Security, start_broker
-from benchmarks.command import run_ceiling, run_command
+from benchmarks.command import profile_categories, py_spy_path, run_ceiling, run_command
 from benchmarks.loadgen import NATIVE_DIALECT, Scenario, ThroughputResult, run_throughput
 from benchmarks.report import RunData, chart, curve_costs, load, render, targets
 from benchmarks.scale import run_idle_workers, run_queue_drain
@@ -355,6 +356,32 @@ def run_repetition(plan: Plan, data: RunData, rep: int, c_broker: str | None = N
         )
 
 
+def profile_commands(plan: Plan, data: RunData) -> None:
+    """One extra command run per concurrency with the worker sampled by py-spy (if installed):
+    where the worker's time goes. Not used for any rate or CPU figure (sampling slows it)."""
+    if py_spy_path() is None:
+        log("py-spy not found: no profile of the worker (pip install py-spy)")
+        return
+    for concurrency in plan.command_concurrency:
+        with tempfile.TemporaryDirectory(prefix="mdp-bench-spy-") as tmp:
+            path = str(Path(tmp) / "worker.txt")
+            with_broker(
+                "ours",
+                functools.partial(
+                    run_command,
+                    count=plan.command_count,
+                    max_seconds=plan.command_seconds,
+                    concurrency=concurrency,
+                    py_spy=path,
+                ),
+            )
+            samples, shares = profile_categories(path) if Path(path).exists() else (0, {})
+        data.command_profiles.append(
+            {"concurrency": concurrency, "samples": samples, "shares": shares}
+        )
+        log(f"profile of the worker at {concurrency}: {samples} samples")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the report; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -445,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         run_repetition(plan, data, rep, c_broker)
         data.repetitions = rep + 1
+    profile_commands(plan, data)
     data.duration_s = time.monotonic() - start
     data.load_end = os.getloadavg()
 
