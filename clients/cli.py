@@ -73,17 +73,18 @@ FILE holds one command or a JSON list of them, e.g.
 
 command_type names the service that runs it: "os" runs command_name with the parameters as
 its arguments (no shell); "shell" runs command_name through /bin/sh -c, parameters safely
-quoted. timeout (seconds), cwd and env are optional; any other field is an error.
+quoted. timeout (the command's run limit: seconds the worker lets it run), cwd and env are
+optional; any other field is an error.
 
 Before sending anything, the client asks the broker (MMI) whether every service the file needs
 has a worker. Commands then run concurrently, at most --parallel at a time, and each is printed
-as it finishes. An attempt that stays silent for --timeout seconds (no reply, no progress) is
-abandoned and re-sent on a fresh connection, to the next -a broker in turn, at most --retries
-times; but a command a worker has already started is never re-sent unless --retry-started is
-given (it may have run), it is reported "lost" instead. Over --mdp-version 0.1 the client
-cannot see a start, so silent commands are only re-sent with --retry-started. MDP says
-nothing while a request waits in the broker's queue: keep --parallel within the workers'
-total concurrency, or --timeout above the longest wait.
+as it finishes. An attempt that stays silent for --timeout seconds (no reply, no progress: the
+attempt silence limit) is abandoned and re-sent on a fresh connection, to the next -a broker in
+turn, at most --retries times; but a command a worker has already started is never re-sent
+unless --retry-started is given (it may have run), it is reported "lost" instead. Over
+--mdp-version 0.1 the client cannot see a start, so silent commands are only re-sent with
+--retry-started. MDP says nothing while a request waits in the broker's queue: keep --parallel
+within the workers' total concurrency, or --timeout above the longest wait.
 
 In --json/--jsonl output, stdout/stderr are strings when they are valid UTF-8 and
 {{"base64": "..."}} otherwise, and nothing but JSON goes to stdout (a run that stops before
@@ -124,10 +125,12 @@ def connection_options(f: F) -> F:
         ),
         click.option(
             "--timeout",
+            "silence_limit",
             type=click.FloatRange(min=0, min_open=True),
             envvar="MDP_CLIENT_TIMEOUT",
             show_envvar=True,
-            help="Seconds an attempt may stay silent before it is re-sent. "
+            help="Attempt silence limit: seconds an attempt may go without any reply before it "
+            "is abandoned and re-sent (not the command's run limit, `timeout` in FILE). "
             f"[default: {DEFAULT_TIMEOUT:g}]",
         ),
         click.option(
@@ -163,7 +166,8 @@ class Connection:
             return getattr(parent, name) if parent is not None else default
 
         self.brokers: list[str] = list(pick("brokers", (DEFAULT_ENDPOINT,)))
-        self.timeout: float = pick("timeout", DEFAULT_TIMEOUT)
+        self.silence_limit: float = pick("silence_limit", DEFAULT_TIMEOUT)
+        """The attempt silence limit (--timeout)."""
         self.retries: int = pick("retries", DEFAULT_RETRIES)
         self.mdp_version: str = pick("mdp_version", "0.2")
         self.curve_secret_key: str | None = pick("curve_secret_key", None)
@@ -175,7 +179,7 @@ class Connection:
         return Client(
             list(brokers or self.brokers),
             version=self.mdp_version,
-            timeout=self.timeout,
+            timeout=self.silence_limit,
             retries=self.retries,
             socket_options=[] if local else self.socket_options,
         )
@@ -524,7 +528,7 @@ def _no_broker(connection: Connection) -> NoReturn:
     tries = connection.retries + 1
     _fail(
         f"no broker answered at {', '.join(connection.brokers)} "
-        f"({tries} attempt{'s' if tries > 1 else ''}, {connection.timeout:g} s each)",
+        f"({tries} attempt{'s' if tries > 1 else ''}, {connection.silence_limit:g} s each)",
         ExitCode.UNAVAILABLE,
     )
 

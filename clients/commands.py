@@ -5,23 +5,23 @@ A commands file is JSON holding one command object or a list of them:
     {"command_type": "shell", "command_name": "echo", "parameters": ["Hello, world!"],
      "timeout": 5, "cwd": "/tmp", "env": {"GREETING": "hi"}}
 
-`command_type` is the MDP service that runs the command ("os", "shell", or any other service
-speaking the command bodies of spec/command-service.md). Unknown fields are rejected, so a typo
-never silently changes what runs. Problems are reported as `FILE[2].parameters[0]: message`.
+Each entry is a `services.bodies.CommandSpec`. `timeout` is the command's run limit (seconds
+the worker lets it run). `command_type` is the MDP service that runs the command ("os",
+"shell", or any other service speaking the command bodies of spec/command-service.md). Unknown
+fields are rejected, so a typo never silently changes what runs. Problems are reported as
+`FILE[2].parameters[0]: message`.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from mdp.protocol import ProtocolError, validate_service_name
-from services.bodies import CommandFields, CommandRequest
+from services.bodies import CommandSpec
 
 __all__ = ["EX_DATAERR", "EX_NOINPUT", "CommandSpec", "InputError", "load_commands", "oversized"]
 
@@ -40,46 +40,6 @@ class InputError(Exception):
         super().__init__("\n".join(problems))
         self.problems = problems
         self.exit_code = exit_code
-
-
-class CommandSpec(CommandFields):
-    """One entry of a commands file: a command and the service that runs it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    command_type: Annotated[str, Field(min_length=1)]
-    """The service that runs the command: "os", "shell", ..."""
-
-    @field_validator("command_type")
-    @classmethod
-    def _service_name(cls, value: str) -> str:
-        try:
-            validate_service_name(value.encode())
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if value.startswith("mmi."):
-            raise ValueError("mmi.* names belong to the broker's management interface")
-        return value
-
-    def request(self, request_id: str, start_by: float | None = None) -> CommandRequest:
-        """The request body sent to the service (`start_by`: spec/command-service.md §14.1)."""
-        return CommandRequest(
-            command_name=self.command_name,
-            parameters=self.parameters,
-            timeout=self.timeout,
-            cwd=self.cwd,
-            env=self.env,
-            request_id=request_id,
-            start_by=start_by,
-        )
-
-    def display(self) -> str:
-        """A one-line rendering, e.g. `shell: echo 'Hello, world!'`."""
-        if self.command_type == "shell":
-            text = " ".join([self.command_name, *map(shlex.quote, self.parameters)])
-        else:
-            text = shlex.join([self.command_name, *self.parameters])
-        return f"{self.command_type}: {text}"
 
 
 _FIELDS = ", ".join(CommandSpec.model_fields)

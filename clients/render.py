@@ -18,10 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from clients.commands import CommandSpec
 from clients.results import STATUS_ORDER, CommandOutcome, summary
 from clients.runner import Events
-from services.bodies import WorkerInfo
+from services.bodies import CommandSpec, WorkerInfo
 
 __all__ = [
     "HumanReport",

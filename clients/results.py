@@ -1,4 +1,10 @@
-"""What running one command came to, the process exit code of a run, and their JSON form."""
+"""What running one command came to, the process exit code of a run, and their JSON form.
+
+A command's outcome is the worker's `CommandResult` itself (services/bodies.py: the one result
+model), extended with what only the client saw: which entry of the file it was, how long it
+took from the client's side, how many attempts. When no usable result came back, the client
+fills the same fields itself (status "lost", or "error" with a message).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import base64
 import enum
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-from clients.commands import CommandSpec
-from services.bodies import WorkerInfo
+from pydantic import ConfigDict, Field
+
+from services.bodies import CommandResult, CommandSpec, WorkerInfo
 
 __all__ = ["CommandOutcome", "ExitCode", "exit_code_for", "json_bytes", "summary"]
 
@@ -51,32 +57,35 @@ STATUS_ORDER = (
 )
 
 
-@dataclass
-class CommandOutcome:
-    """The result of one command of the file, as the client saw it."""
+class CommandOutcome(CommandResult):
+    """One command of the file as the client shows it: its `CommandResult` and what the client
+    saw. Filled in as the command runs (mutable); starts as "lost" until a result arrives."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
     index: int
+    """The command's place in the file."""
     spec: CommandSpec
     request_id: str
-    status: str
-    exit_code: int | None = None
-    signal: int | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    truncated: bool = False
-    duration_ms: float | None = None
-    """How long the command ran, as measured by the worker."""
+    """The request_id the client sent (a worker's result for another one is never adopted)."""
     elapsed_ms: float = 0.0
     """From the first send to the result, as measured by the client (queueing included)."""
-    worker: WorkerInfo | None = None
-    workers: list[WorkerInfo] = field(default_factory=list)
+    workers: list[WorkerInfo] = Field(default_factory=list)
     """Every worker that said `started` for it, in order (more than one: it ran more than
     once, which only --retry-started allows)."""
     attempts: int = 1
-    message: str | None = None
-    errors: list[dict[str, str]] | None = None
-    streamed: bool = field(default=False, repr=False)
+    run_limit: float | None = None
+    """The run limit the worker announced in `started` (MDP/0.2); None before that."""
+    streamed: bool = Field(default=False, repr=False)
     """Output was already shown live (--stream)."""
+
+    def take(self, result: CommandResult) -> None:
+        """Adopt a worker's result for this command (keeping the worker named by `started` if
+        the result names none)."""
+        for name in CommandResult.model_fields:
+            value = getattr(result, name)
+            if name != "request_id" and not (name == "worker" and value is None):
+                setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict. Output is a string when it is valid UTF-8, else {"base64": ...}."""
@@ -85,20 +94,10 @@ class CommandOutcome:
             "command_type": self.spec.command_type,
             "command_name": self.spec.command_name,
             "parameters": self.spec.parameters,
-            "request_id": self.request_id,
-            "status": self.status,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
+            **self.model_dump(exclude={"index", "spec", "streamed", "run_limit"}),
             "stdout": json_bytes(self.stdout),
             "stderr": json_bytes(self.stderr),
-            "truncated": self.truncated,
-            "duration_ms": self.duration_ms,
             "elapsed_ms": round(self.elapsed_ms, 3),
-            "worker": self.worker.model_dump() if self.worker else None,
-            "workers": [worker.model_dump() for worker in self.workers],
-            "attempts": self.attempts,
-            "message": self.message,
-            "errors": self.errors,
         }
 
 
@@ -124,7 +123,7 @@ def exit_code_for(outcomes: Iterable[CommandOutcome]) -> ExitCode:
 
 def summary(outcomes: list[CommandOutcome], elapsed_s: float) -> dict[str, Any]:
     """Counts by status, the exit code and the wall time of the run."""
-    counts = Counter(outcome.status for outcome in outcomes)
+    counts: Counter[str] = Counter(outcome.status for outcome in outcomes)
     return {
         "total": len(outcomes),
         "by_status": {status: counts[status] for status in STATUS_ORDER if counts[status]},

@@ -6,8 +6,15 @@ PARTIAL yet; the first PARTIAL a command worker sends is `started`). Once starte
 that goes silent is reported `lost`, because re-sending it could run it twice; `--retry-started`
 re-sends it anyway, under the same `request_id`, so a worker process that already ran it answers
 from its cache. MDP/0.1 has no PARTIALs, so the client cannot tell whether a silent command
-started: over 0.1 a silent command is only retried with `--retry-started`, and its liveness
-timeout is the command's own timeout plus `--timeout` (0.1 gives no proof of life meanwhile).
+started: over 0.1 a silent command is only retried with `--retry-started`, and an attempt may
+stay silent for the command's run limit plus the attempt silence limit (`--timeout`), as 0.1
+gives no proof of life meanwhile.
+
+Two limits, two names: the attempt silence limit (`Client.timeout`, `--timeout`) is how long
+an attempt may go without any reply; the run limit (`CommandSpec.run_limit`, "timeout" in the
+file) is how long the worker lets the command run. Over 0.2 the worker's `started` says which
+run limit it applies (`CommandOutcome.run_limit`); over 0.1 nothing does, so the client counts
+with the file's, or the worker's documented default (`DEFAULT_RUN_LIMIT`).
 """
 
 from __future__ import annotations
@@ -20,14 +27,15 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from clients.commands import CommandSpec
 from clients.results import CommandOutcome
 from mdp.client import AttemptFailed, Client, MMINotImplemented, RequestTimeout
 from mdp.errors import MDPError
 from mdp.protocol import Version
 from services.bodies import (
+    DEFAULT_RUN_LIMIT,
     BodyError,
     CancelRequest,
+    CommandSpec,
     Output,
     Started,
     WorkerInfo,
@@ -47,8 +55,6 @@ __all__ = [
     "run_commands",
 ]
 
-WORKER_DEFAULT_TIMEOUT = 30.0
-"""The command timeout a worker applies when the request has none (spec/command-service.md)."""
 SKEW_ALLOWANCE = 1.0
 """Seconds by which the clocks of client and worker hosts may differ (spec §14.1)."""
 CANCEL_TIMEOUT = 1.0
@@ -206,9 +212,11 @@ async def run_one(
     """
     active = active if active is not None else Active()
     request_id = uuid.uuid4().hex
-    outcome = CommandOutcome(index, spec, request_id, status="lost")
+    outcome = CommandOutcome(index=index, spec=spec, request_id=request_id, status="lost")
     v01 = client.version is Version.V01
-    timeout = client.timeout + (spec.timeout or WORKER_DEFAULT_TIMEOUT) if v01 else client.timeout
+    silence_limit = client.timeout
+    if v01:  # no PARTIALs: the attempt is silent for as long as the command runs
+        silence_limit += spec.run_limit if spec.run_limit is not None else DEFAULT_RUN_LIMIT
     attempt = 1
     may_start_until = 0.0  # monotonic: the current attempt cannot start after this
     started = asyncio.Event()
@@ -216,8 +224,8 @@ async def run_one(
     def attempt_body(n: int) -> list[bytes]:
         nonlocal may_start_until
         # spec §14.1: this attempt may start only until the client stops waiting for it.
-        may_start_until = time.monotonic() + timeout + SKEW_ALLOWANCE
-        return [spec.request(request_id, start_by=time.time() + timeout).pack()]
+        may_start_until = time.monotonic() + silence_limit + SKEW_ALLOWANCE
+        return [spec.request(request_id, start_by=time.time() + silence_limit).pack()]
 
     def may_retry(failed: AttemptFailed) -> bool:
         if settings.retry_started:
@@ -228,7 +236,7 @@ async def run_one(
         nonlocal attempt
         async for part in client.stream(
             spec.command_type,
-            timeout=timeout,
+            timeout=silence_limit,
             may_retry=may_retry,
             attempt_body=attempt_body,
             settle=SKEW_ALLOWANCE,
@@ -253,7 +261,7 @@ async def run_one(
     except RequestTimeout as exc:
         outcome.status = "lost"
         outcome.attempts = exc.attempts
-        outcome.message = _lost_message(exc, outcome, v01, timeout)
+        outcome.message = _lost_message(exc, outcome, v01, silence_limit)
         running = active.started.pop(index, None)
         if running is not None:
             # spec §14: nothing reported lost goes on running.
@@ -307,6 +315,7 @@ def _apply_partial(
         return  # a PARTIAL we do not understand still proved the worker alive; nothing to show
     if isinstance(event, Started):
         outcome.worker = event.worker
+        outcome.run_limit = event.run_limit
         if event.worker not in outcome.workers:  # the same worker again answers from memory
             outcome.workers.append(event.worker)
         if event.worker.name is not None and outcome.request_id == event.request_id:
@@ -336,19 +345,11 @@ def _apply_result(outcome: CommandOutcome, body: list[bytes]) -> None:
         outcome.status = "error"
         outcome.message = f"discarded a result for another request ({result.request_id})"
         return
-    outcome.status = result.status
-    outcome.exit_code = result.exit_code
-    outcome.signal = result.signal
-    outcome.stdout = result.stdout
-    outcome.stderr = result.stderr
-    outcome.truncated = result.truncated
-    outcome.duration_ms = result.duration_ms
-    outcome.worker = result.worker or outcome.worker
-    outcome.message = result.message
-    outcome.errors = result.errors
+    outcome.take(result)
 
 
 def _lost_message(exc: RequestTimeout, outcome: CommandOutcome, v01: bool, timeout: float) -> str:
+    """Why the command is lost; `timeout` is the attempt silence limit that ran out."""
     if exc.retry_refused and v01:
         return (
             f"no reply within {timeout:g} s; MDP/0.1 cannot tell whether the command started, "

@@ -3,14 +3,35 @@
 
 Every body is one msgpack frame holding a map. Requests are validated with pydantic; unknown
 fields are rejected. Byte fields (stdin, stdout, stderr, data) are msgpack bin, never decoded.
+
+One model per thing, so no field list is ever copied:
+
+- `CommandFields`: what a command is (name, parameters, run limit, cwd, env).
+- `CommandSpec`: an entry of a commands file: `CommandFields` + the service that runs it
+  (`command_type`). `CommandSpec.request(request_id)` is the body sent to that service.
+- `CommandRequest`: that body: `CommandFields` + request_id, stdin, start_by.
+- `CommandResult`: how a command ended. The worker sends it as the FINAL body, `mdp-client`
+  shows it (`clients.results.CommandOutcome` adds only what the client itself saw), and a job
+  store keeps it. Its status "lost" is the one a worker never sends: a client (or job service)
+  sets it when no result came back.
+
+Two limits are easy to confuse, so they have distinct names in code. A command's **run
+limit** (`run_limit`; on the wire and in commands files the field `timeout`) is how long the
+worker lets it run before it kills the process group (status "timeout"). The client's
+**attempt silence limit** (`mdp-client --timeout`) is how long one attempt may go without any
+reply before the client gives up on it; it is no part of any body.
 """
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated, Any, Literal
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from mdp import mmi
+from mdp.protocol import ProtocolError, validate_service_name
 
 MAX_COMMAND_NAME = 64 * 1024
 MAX_PARAMETERS = 10_000
@@ -18,7 +39,12 @@ MAX_PARAMETER = 128 * 1024
 MAX_REQUEST_ID = 128
 MAX_ENV_VARS = 1_000
 MAX_STDIN = 8 * 1024 * 1024
-MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_RUN_LIMIT = 7 * 24 * 3600.0
+"""The largest run limit a request may ask for (the worker caps it further)."""
+DEFAULT_RUN_LIMIT = 30.0
+"""The run limit of a request that gives none (`mdp-worker --default-timeout`)."""
+DEFAULT_MAX_RUN_LIMIT = 300.0
+"""No command runs longer than this, whatever it asks (`mdp-worker --max-timeout`)."""
 
 
 class BodyError(ValueError):
@@ -53,11 +79,17 @@ class CommandFields(_Body):
     parameters: Annotated[
         list[Annotated[str, Field(max_length=MAX_PARAMETER)]], Field(max_length=MAX_PARAMETERS)
     ] = []
-    timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] | None = None
-    """Seconds the worker lets the command run (the worker caps it)."""
+    timeout: Annotated[float, Field(gt=0, le=MAX_RUN_LIMIT)] | None = None
+    """The command's run limit (`run_limit`) under its wire name."""
     cwd: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     env: Annotated[dict[str, str], Field(max_length=MAX_ENV_VARS)] | None = None
     """Added to the worker's minimal environment."""
+
+    @property
+    def run_limit(self) -> float | None:
+        """Seconds the worker lets the command run (it caps them; None: its default).
+        "timeout" on the wire and in commands files."""
+        return self.timeout
 
     @field_validator("command_name", "cwd")
     @classmethod
@@ -94,6 +126,41 @@ class CommandRequest(CommandFields):
     request_id carries its own."""
 
 
+class CommandSpec(CommandFields):
+    """A command and the service that runs it: one entry of a commands file (and what a job
+    service is asked to run)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    command_type: Annotated[str, Field(min_length=1)]
+    """The service that runs the command: "os", "shell", ..."""
+
+    @field_validator("command_type")
+    @classmethod
+    def _service_name(cls, value: str) -> str:
+        try:
+            validate_service_name(value.encode())
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        if mmi.is_mmi(value):
+            raise ValueError("mmi.* names belong to the broker's management interface")
+        return value
+
+    def request(self, request_id: str, start_by: float | None = None) -> CommandRequest:
+        """The request body sent to the service: the same command fields, `request_id` and
+        `start_by` (spec/command-service.md §14.1)."""
+        fields = self.model_dump(exclude={"command_type"})
+        return CommandRequest.model_construct(**fields, request_id=request_id, start_by=start_by)
+
+    def display(self) -> str:
+        """A one-line rendering, e.g. `shell: echo 'Hello, world!'`."""
+        if self.command_type == "shell":
+            text = " ".join([self.command_name, *map(shlex.quote, self.parameters)])
+        else:
+            text = shlex.join([self.command_name, *self.parameters])
+        return f"{self.command_type}: {text}"
+
+
 class WorkerInfo(_Body):
     """Which worker process handled a request."""
 
@@ -104,11 +171,17 @@ class WorkerInfo(_Body):
     """The worker's --name: `SERVICE@NAME` reaches this worker alone (§14.3)."""
 
 
-Status = Literal["ok", "failed", "timeout", "error", "invalid", "rejected", "expired", "cancelled"]
+WorkerStatus = Literal[
+    "ok", "failed", "timeout", "error", "invalid", "rejected", "expired", "cancelled"
+]
+"""The statuses a worker reports (spec/command-service.md §8)."""
+Status = WorkerStatus | Literal["lost"]
+"""A command's status: a worker's, or "lost" (no result came back; a worker never sends it)."""
 
 
 class CommandResult(_Body):
-    """The FINAL body of a command request: the complete (capped) result."""
+    """How a command ended: the FINAL body of a command request (the complete, capped result),
+    what the client shows and what a job store keeps."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)  # newer workers may add fields
 
@@ -118,7 +191,9 @@ class CommandResult(_Body):
     stdout: bytes = b""
     stderr: bytes = b""
     truncated: bool = False
-    duration_ms: float = 0.0
+    duration_ms: float | None = None
+    """How long the command ran, as the worker measured it; 0 for a request that never ran;
+    None when no worker reported (lost)."""
     worker: WorkerInfo | None = None
     request_id: str | None = None
     message: str | None = None
@@ -134,7 +209,13 @@ class Started(_Body):
     worker: WorkerInfo
     request_id: str | None = None
     timeout: float | None = None
-    """The run limit the worker applies to this command, in seconds (§14.2)."""
+    """The run limit the worker applies to this command (`run_limit`) under its wire name."""
+
+    @property
+    def run_limit(self) -> float | None:
+        """Seconds the worker lets this command run (spec/command-service.md §14.2): the
+        request's run limit, or the worker's default, capped by the worker's maximum."""
+        return self.timeout
 
 
 class Progress(_Body):
@@ -241,9 +322,12 @@ def parse_result(frames: list[bytes]) -> CommandResult:
     if len(frames) != 1:
         raise BodyError(f"body must be exactly one frame, got {len(frames)}")
     try:
-        return CommandResult.model_validate(unpack_map(frames[0]))
+        result = CommandResult.model_validate(unpack_map(frames[0]))
     except ValidationError as exc:
         raise BodyError("invalid command result", _errors_of(exc)) from None
+    if result.status == "lost":  # only the side that got no result may say so
+        raise BodyError("invalid command result: a worker cannot report 'lost'")
+    return result
 
 
 def parse_partial(frames: list[bytes]) -> PartialEvent:

@@ -25,9 +25,8 @@ from mdp.cli_options import (
 from mdp.endpoints import is_local_endpoint
 from mdp.protocol import Version
 from mdp.worker import WorkerOptions, serve
+from services.bodies import DEFAULT_MAX_RUN_LIMIT, DEFAULT_RUN_LIMIT
 from services.command import (
-    DEFAULT_MAX_TIMEOUT,
-    DEFAULT_TIMEOUT,
     CommandService,
     CommandSettings,
     default_worker_name,
@@ -119,22 +118,28 @@ class ByteSize(click.ParamType):
     "/tmp/mdp-UID]",
 )
 @click.option(
+    "--max-run-limit",
     "--max-timeout",
+    "max_run_limit",
     type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULT_MAX_TIMEOUT,
+    default=DEFAULT_MAX_RUN_LIMIT,
     show_default=True,
+    envvar="MDP_WORKER_MAX_TIMEOUT",
     show_envvar=True,
     metavar="SECONDS",
-    help="No command runs longer than this, whatever its request's timeout says.",
+    help='No command runs longer than this, whatever run limit ("timeout") its request asks for.',
 )
 @click.option(
+    "--default-run-limit",
     "--default-timeout",
+    "default_run_limit",
     type=click.FloatRange(min=0, min_open=True),
-    default=DEFAULT_TIMEOUT,
+    default=DEFAULT_RUN_LIMIT,
     show_default=True,
+    envvar="MDP_WORKER_DEFAULT_TIMEOUT",
     show_envvar=True,
     metavar="SECONDS",
-    help="Timeout of a command whose request gives none (capped by --max-timeout).",
+    help='Run limit of a command whose request gives no "timeout" (capped by --max-run-limit).',
 )
 @click.option(
     "--max-output",
@@ -229,8 +234,8 @@ def main(
     services: tuple[str, ...],
     broker: str,
     concurrency: int,
-    max_timeout: float,
-    default_timeout: float,
+    max_run_limit: float,
+    default_run_limit: float,
     max_output: int,
     progress_interval: float,
     mdp_version: str,
@@ -260,8 +265,8 @@ def main(
       echo    replies with the request body (for tests and benchmarks)
 
     Each command runs in its own process group with a minimal environment (PATH, HOME,
-    LANG=C.UTF-8, plus the request's env). On timeout or cancel the whole group gets SIGTERM,
-    then SIGKILL. Output is kept as bytes, capped per stream. Results of requests with a
+    LANG=C.UTF-8, plus the request's env). When its run limit passes, or on cancel, the whole
+    group gets SIGTERM, then SIGKILL. Output is kept as bytes, capped per stream. Results of requests with a
     request_id are remembered, so a retried request is never run twice by this process; a
     request that arrives after its start deadline is answered "expired" and never runs. A
     watchdog process ends the commands of a worker that dies, however it dies. The body
@@ -289,8 +294,8 @@ def main(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--user'") from None
     settings = CommandSettings(
-        default_timeout=default_timeout,
-        max_timeout=max_timeout,
+        default_run_limit=default_run_limit,
+        max_run_limit=max_run_limit,
         limits=Limits(max_output=max_output, progress_interval=progress_interval),
         policy=CommandPolicy(
             allow=tuple(word for value in allow for word in value.split()), deny_env=deny_env

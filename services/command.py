@@ -1,5 +1,5 @@
 """The "os" and "shell" command services: validate the request body, protect against
-duplicates, run the process, stream its progress, and answer with a CommandResult.
+duplicates, run the process within its run limit, stream its progress, and answer with a CommandResult.
 
 "os" executes `[command_name, *parameters]` directly: no shell ever sees the arguments.
 "shell" runs `/bin/sh -c SCRIPT sh PARAMETERS...` where SCRIPT is `command_name` followed by
@@ -23,6 +23,8 @@ from typing import Literal
 
 from mdp.worker import Request, Service
 from services.bodies import (
+    DEFAULT_MAX_RUN_LIMIT,
+    DEFAULT_RUN_LIMIT,
     BodyError,
     CancelReply,
     CommandRequest,
@@ -31,13 +33,14 @@ from services.bodies import (
     Progress,
     Started,
     WorkerInfo,
+    WorkerStatus,
     pack,
     parse_cancel,
     parse_request,
     unpack_map,
 )
 from services.dedup import RequestCache
-from services.execution import Emit, GroupTracker, Limits, Outcome, RunControl, run_process
+from services.execution import Emit, GroupTracker, Limits, RunControl, run_process
 from services.metrics import CommandMetrics
 from services.policy import ChildLimits, CommandPolicy
 
@@ -56,9 +59,6 @@ log = logging.getLogger("services.command")
 Mode = Literal["os", "shell"]
 
 SHELL = "/bin/sh"
-
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_MAX_TIMEOUT = 300.0
 
 CANCELLED_IDS = 1024
 """request_ids cancelled before this worker saw them, remembered (spec §14.3) ..."""
@@ -84,10 +84,11 @@ def default_worker_name() -> str:
 class CommandSettings:
     """The worker's policy for command requests (from the mdp-worker options)."""
 
-    default_timeout: float = DEFAULT_TIMEOUT
-    """Used when a request has no `timeout` (still capped by `max_timeout`)."""
-    max_timeout: float = DEFAULT_MAX_TIMEOUT
-    """No command runs longer, whatever its request says."""
+    default_run_limit: float = DEFAULT_RUN_LIMIT
+    """The run limit of a request that gives none (still capped by `max_run_limit`);
+    `--default-run-limit`."""
+    max_run_limit: float = DEFAULT_MAX_RUN_LIMIT
+    """No command runs longer, whatever its request says; `--max-run-limit`."""
     limits: Limits = field(default_factory=Limits)
     policy: CommandPolicy = field(default_factory=CommandPolicy)
     """Which commands may run (--allow, --deny-env); others are answered `rejected`."""
@@ -97,8 +98,8 @@ class CommandSettings:
     """The worker's name: `MODE@NAME` is its control service (spec §14.3)."""
 
     def __post_init__(self) -> None:
-        if self.default_timeout <= 0 or self.max_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        if self.default_run_limit <= 0 or self.max_run_limit <= 0:
+            raise ValueError("run limits must be positive")
         validate_worker_name(self.name)
 
 
@@ -194,10 +195,7 @@ class CommandService:
         try:
             message = parse_cancel(request.body)
         except BodyError as exc:
-            result = CommandResult(
-                status="invalid", message=str(exc), errors=exc.errors, worker=worker
-            )
-            return [result.pack()]
+            return [_answer("invalid", str(exc), worker, None, exc.errors).pack()]
         request_id = message.cancel
         run = self.running.get(request_id)
         if run is not None:
@@ -229,22 +227,14 @@ class CommandService:
         if request_id is not None and request_id in self._cancelled:
             since = self._cancelled[request_id]
             if since >= time.monotonic() - CANCELLED_FOR:
-                return CommandResult(
-                    status="cancelled",
-                    message="cancelled before it reached this worker; nothing ran",
-                    worker=worker,
-                    request_id=request_id,
-                )
+                message = "cancelled before it reached this worker; nothing ran"
+                return _answer("cancelled", message, worker, request_id)
         if command.start_by is not None:
             late = time.time() - command.start_by
             if late > 0:
                 # spec §14.1: the client has moved on (or will, within the skew allowance).
-                return CommandResult(
-                    status="expired",
-                    message=f"arrived {late:.3f}s after its start deadline; nothing ran",
-                    worker=worker,
-                    request_id=request_id,
-                )
+                message = f"arrived {late:.3f}s after its start deadline; nothing ran"
+                return _answer("expired", message, worker, request_id)
         return None
 
     async def __call__(self, request: Request) -> list[bytes]:
@@ -262,14 +252,8 @@ class CommandService:
             command = parse_request(request.body)
         except BodyError as exc:
             # Nothing a client sends crashes the worker: a bad body is answered, field by field.
-            result = CommandResult(
-                status="invalid",
-                message=str(exc),
-                errors=exc.errors,
-                worker=worker,
-                request_id=_peek_request_id(request.body),
-            )
-            return [result.pack()]
+            request_id = _peek_request_id(request.body)
+            return [_answer("invalid", str(exc), worker, request_id, exc.errors).pack()]
         refused = self.settings.policy.check(self.mode, command.command_name, command.env)
         if refused is not None:
             # spec/security.md §10: outside the worker's policy nothing runs.
@@ -281,10 +265,7 @@ class CommandService:
                 request.client.hex(),
                 refused,
             )
-            result = CommandResult(
-                status="rejected", message=refused, worker=worker, request_id=command.request_id
-            )
-            return [result.pack()]
+            return [_answer("rejected", refused, worker, command.request_id).pack()]
         if command.request_id is None:
             refusal = self._refusal(command, worker)
             if refusal is not None:
@@ -297,13 +278,8 @@ class CommandService:
         entry = self.cache.get(key)
         if entry is not None:
             if entry.digest != digest:
-                result = CommandResult(
-                    status="rejected",
-                    message="request_id was already used for a different request",
-                    worker=worker,
-                    request_id=command.request_id,
-                )
-                return [result.pack()]
+                message = "request_id was already used for a different request"
+                return [_answer("rejected", message, worker, command.request_id).pack()]
             log.info("%s: duplicate request_id %r, not run again", worker.id, command.request_id)
             await self._started(request, worker, command)
             return [await self._follow(entry.done, request, worker, command.request_id)]
@@ -326,10 +302,10 @@ class CommandService:
         return [final]
 
     def _run_limit(self, command: CommandRequest) -> tuple[float, float]:
-        """(the timeout the request asked for, the one applied) in seconds (spec §5)."""
+        """(the run limit the request asked for, the one applied) in seconds (spec §5)."""
         settings = self.settings
-        wanted = command.timeout if command.timeout is not None else settings.default_timeout
-        return wanted, min(wanted, settings.max_timeout)
+        wanted = command.run_limit if command.run_limit is not None else settings.default_run_limit
+        return wanted, min(wanted, settings.max_run_limit)
 
     async def _started(self, request: Request, worker: WorkerInfo, command: CommandRequest) -> None:
         if request.streaming:
@@ -342,7 +318,7 @@ class CommandService:
         self, command: CommandRequest, request: Request, worker: WorkerInfo, control: RunControl
     ) -> bytes:
         settings = self.settings
-        wanted, timeout = self._run_limit(command)
+        wanted, run_limit = self._run_limit(command)
         env = {**self.environment, **(command.env or {})}
         emit: Emit | None = None
         if request.streaming:
@@ -350,10 +326,10 @@ class CommandService:
             async def emit(event: Output | Progress) -> None:
                 await request.partial([event.pack()])
 
-        outcome: Outcome = await run_process(
+        outcome = await run_process(
             command_argv(self.mode, command),
             env=env,
-            timeout=timeout,
+            run_limit=run_limit,
             limits=settings.limits,
             cwd=command.cwd,
             stdin=command.stdin,
@@ -363,20 +339,11 @@ class CommandService:
             tracker=self.tracker,
         )
         message = outcome.message
-        if outcome.status == "timeout" and wanted > settings.max_timeout:
+        if outcome.status == "timeout" and wanted > settings.max_run_limit:
             message = f"{message} (the request asked for {wanted:g}s; this worker allows at most "
-            message += f"{settings.max_timeout:g}s)"
-        result = CommandResult(
-            status=outcome.status,
-            exit_code=outcome.exit_code,
-            signal=outcome.signal,
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            truncated=outcome.truncated,
-            duration_ms=outcome.duration_ms,
-            worker=worker,
-            request_id=command.request_id,
-            message=message,
+            message += f"{settings.max_run_limit:g}s)"
+        result = outcome.model_copy(
+            update={"worker": worker, "request_id": command.request_id, "message": message}
         )
         log.info(
             "%s: %s %r for client %s -> %s%s in %.0f ms",
@@ -408,13 +375,8 @@ class CommandService:
         final = done.result()
         if final is not None:
             return final
-        result = CommandResult(
-            status="error",
-            message="the first run of this request_id was interrupted (worker shutting down)",
-            worker=worker,
-            request_id=request_id,
-        )
-        return result.pack()
+        message = "the first run of this request_id was interrupted (worker shutting down)"
+        return _answer("error", message, worker, request_id).pack()
 
     def error_reply(self, request: Request, exc: BaseException) -> list[bytes]:
         """FINAL when the handler itself failed (a bug) or was cancelled at shutdown."""
@@ -422,10 +384,24 @@ class CommandService:
             message = "the worker shut down before the command finished; it was killed"
         else:
             message = f"internal error in the worker: {type(exc).__name__}"
-        result = CommandResult(
-            status="error",
-            message=message,
-            worker=self._worker(request),
-            request_id=_peek_request_id(request.body),
-        )
-        return [result.pack()]
+        request_id = _peek_request_id(request.body)
+        return [_answer("error", message, self._worker(request), request_id).pack()]
+
+
+def _answer(
+    status: WorkerStatus,
+    message: str,
+    worker: WorkerInfo,
+    request_id: str | None,
+    errors: list[dict[str, str]] | None = None,
+) -> CommandResult:
+    """The result of a request that ran nothing (invalid, rejected, expired, cancelled before
+    it started, or ended by the worker); its duration is 0 on the wire."""
+    return CommandResult(
+        status=status,
+        message=message,
+        errors=errors,
+        duration_ms=0.0,
+        worker=worker,
+        request_id=request_id,
+    )

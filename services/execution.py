@@ -1,18 +1,19 @@
-"""Running one command as a child process: its own session, a timeout that kills the whole
+"""Running one command as a child process: its own session, a run limit that kills the whole
 process group, capped byte-exact output, streaming of output and progress while it runs.
 
 No MDP and no request parsing here (that is `services.command`): `run_process` takes an argv
-and returns an `Outcome`. Everything it waits for is bounded:
+and its run limit, and returns a `CommandResult` (status, exit code or signal, output,
+duration; `services.command` adds who ran it). Everything it waits for is bounded:
 
     start      Popen in a new session (so its pid is also its process group id); failures to
                start (not found, permission denied, bad cwd) become status "error"
-    run        until the leader exits or the timeout passes; stdout/stderr are read as they
+    run        until the leader exits or the run limit passes; stdout/stderr are read as they
                come (each capped at `max_output`, the rest read and discarded so the child
                never blocks on a full pipe), coalesced into Output events at most every
                `flush_interval`, and a Progress event goes out after `progress_interval` of
                silence
-    timeout    SIGTERM to the group; once the leader has exited and the pipes are closed, or
-               after `kill_grace`, SIGKILL to the group
+    timeout    (the run limit passed) SIGTERM to the group; once the leader has exited and
+               the pipes are closed, or after `kill_grace`, SIGKILL to the group
     drain      after the leader exits, the pipes get `drain_time` to reach end-of-file; if
                something in the group still holds them open (a background grandchild), the
                group is SIGKILLed and the pipes are closed after at most another `drain_time`
@@ -39,14 +40,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal, Protocol
 
-from services.bodies import Output, Progress
+from services.bodies import CommandResult, Output, Progress, WorkerStatus
 
-__all__ = ["Emit", "GroupTracker", "Limits", "Outcome", "RunControl", "run_process"]
+__all__ = ["Emit", "GroupTracker", "Limits", "RunControl", "run_process"]
 
 Emit = Callable[[Output | Progress], Awaitable[None]]
 """Receives the streaming events of a running command, in order."""
-
-RunStatus = Literal["ok", "failed", "timeout", "error", "cancelled"]
 
 
 class GroupTracker(Protocol):
@@ -84,7 +83,7 @@ class Limits:
     max_output: int = 1024 * 1024
     """Bytes kept per stream (stdout, stderr); the rest is read and discarded."""
     kill_grace: float = 1.0
-    """Between SIGTERM and SIGKILL when the timeout passes."""
+    """Between SIGTERM and SIGKILL when the run limit passes."""
     drain_time: float = 0.5
     """After the command exits, how long its pipes may stay open before the group is killed."""
     flush_interval: float = 0.05
@@ -93,20 +92,6 @@ class Limits:
     """Largest Output event."""
     progress_interval: float = 2.0
     """A Progress event is sent after this long without any event."""
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a command ended. `exit_code` or `signal` is set once the process has ended."""
-
-    status: RunStatus
-    exit_code: int | None = None
-    signal: int | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    truncated: bool = False
-    duration_ms: float = 0.0
-    message: str | None = None
 
 
 class _Capture:
@@ -297,7 +282,7 @@ async def run_process(
     argv: list[str],
     *,
     env: Mapping[str, str],
-    timeout: float,
+    run_limit: float,
     limits: Limits,
     cwd: str | None = None,
     stdin: bytes | None = None,
@@ -305,16 +290,19 @@ async def run_process(
     popen_kwargs: Mapping[str, Any] | None = None,
     control: RunControl | None = None,
     tracker: GroupTracker | None = None,
-) -> Outcome:
-    """Run `argv` (no shell involved) and return how it ended. Never raises for anything the
-    command does; cancellation kills the process group and re-raises. `popen_kwargs` are
+) -> CommandResult:
+    """Run `argv` (no shell involved) for at most `run_limit` seconds and return how it ended:
+    status ok, failed, timeout, error or cancelled; `exit_code` or `signal` once the process
+    has ended. Never raises for anything the command does; cancellation kills the process group and re-raises. `popen_kwargs` are
     extra `subprocess.Popen` arguments (the worker's user switch and resource limits,
     `services.policy.ChildLimits.popen_kwargs`). `control` lets a caller cancel the run;
     `tracker` is told of the process group (see the module docstring)."""
     started = time.monotonic()
     control = control or RunControl()
     if control.cancelled:
-        return Outcome("cancelled", message="cancelled before it started; nothing ran")
+        return CommandResult(
+            status="cancelled", duration_ms=0.0, message="cancelled before it started; nothing ran"
+        )
     try:
         proc = subprocess.Popen(
             argv,
@@ -328,13 +316,13 @@ async def run_process(
             **(popen_kwargs or {}),
         )
     except OSError as exc:
-        return Outcome(
-            "error",
-            duration_ms=_ms(started),
-            message=_start_error(exc, argv, cwd),
+        return CommandResult(
+            status="error", duration_ms=_ms(started), message=_start_error(exc, argv, cwd)
         )
     except (ValueError, TypeError) as exc:  # e.g. an embedded NUL the models did not catch
-        return Outcome("error", duration_ms=_ms(started), message=f"cannot start: {exc}")
+        return CommandResult(
+            status="error", duration_ms=_ms(started), message=f"cannot start: {exc}"
+        )
 
     if tracker is not None:
         tracker.add(proc.pid)  # its own session: the pid is the process group id
@@ -343,7 +331,7 @@ async def run_process(
     message: str | None = None
     cancelled = False
     try:
-        deadline = run.started + timeout
+        deadline = run.started + run_limit
         timed_out = not await run.until(lambda: run.exited or control.cancelled, deadline)
         cancelled = control.cancelled and not run.exited
         timed_out = timed_out and not cancelled
@@ -356,7 +344,7 @@ async def run_process(
             message = (
                 "cancelled; the process group was killed"
                 if cancelled
-                else f"timed out after {timeout:g}s; the process group was killed"
+                else f"timed out after {run_limit:g}s; the process group was killed"
             )
         elif not await run.until(lambda: run.pipes_closed, time.monotonic() + limits.drain_time):
             run.kill_group(signal.SIGKILL)
@@ -382,13 +370,13 @@ async def run_process(
     exit_code = returncode if returncode is not None and returncode >= 0 else None
     sig = -returncode if returncode is not None and returncode < 0 else None
     if cancelled:
-        status: RunStatus = "cancelled"
+        status: WorkerStatus = "cancelled"
     elif timed_out:
         status = "timeout"
     else:
         status = "ok" if returncode == 0 else "failed"
-    return Outcome(
-        status,
+    return CommandResult(
+        status=status,
         exit_code=exit_code,
         signal=sig,
         stdout=stdout,

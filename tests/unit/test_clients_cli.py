@@ -165,7 +165,7 @@ def test_subcommands_without_broker_exit_69(args: list[str]) -> None:
 
 def outcome(status: str, **kw: object) -> CommandOutcome:
     spec = CommandSpec(command_type="shell", command_name="echo", parameters=["hi"])
-    return CommandOutcome(0, spec, "rid", status, **kw)  # type: ignore[arg-type]
+    return CommandOutcome(index=0, spec=spec, request_id="rid", status=status, **kw)  # type: ignore[arg-type]
 
 
 def test_exit_code_precedence() -> None:
@@ -232,7 +232,9 @@ def test_streamed_output_is_prefixed_and_not_repeated() -> None:
     report = HumanReport(specs, stream=True, out=console, err=console)
     report.output(1, "stdout", b"par")
     report.output(1, "stdout", b"tial\nrest")
-    o = CommandOutcome(1, spec, "rid", "ok", stdout=b"partial\nrest", streamed=True)
+    o = CommandOutcome(
+        index=1, spec=spec, request_id="rid", status="ok", stdout=b"partial\nrest", streamed=True
+    )
     report.finished(o)
     lines = buffer.getvalue().splitlines()
     assert lines[0] == "[1] os: ls │ partial"

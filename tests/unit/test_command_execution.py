@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.bodies import Output, Progress
-from services.execution import Limits, Outcome, run_process
+from services.bodies import CommandResult, Output, Progress
+from services.execution import Limits, run_process
 
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
 FAST = Limits(kill_grace=0.5, drain_time=0.3, progress_interval=0.1, flush_interval=0.02)
@@ -22,7 +22,7 @@ FAST = Limits(kill_grace=0.5, drain_time=0.3, progress_interval=0.1, flush_inter
 
 async def run(
     argv: list[str], timeout: float = 5.0, limits: Limits = FAST, **kw: object
-) -> tuple[Outcome, list[Output | Progress]]:
+) -> tuple[CommandResult, list[Output | Progress]]:
     events: list[Output | Progress] = []
 
     async def emit(event: Output | Progress) -> None:
@@ -31,7 +31,7 @@ async def run(
     outcome = await run_process(
         argv,
         env=kw.pop("env", ENV),  # type: ignore[arg-type]
-        timeout=timeout,
+        run_limit=timeout,
         limits=limits,
         emit=emit,
         **kw,  # type: ignore[arg-type]
@@ -212,7 +212,9 @@ async def test_cancellation_kills_the_group() -> None:
         seen.append(event)
 
     task = asyncio.create_task(
-        run_process(["sh", "-c", "echo $$; sleep 60"], env=ENV, timeout=30, limits=FAST, emit=emit)
+        run_process(
+            ["sh", "-c", "echo $$; sleep 60"], env=ENV, run_limit=30, limits=FAST, emit=emit
+        )
     )
     deadline = time.monotonic() + 5
     while not any(isinstance(e, Output) for e in seen):

@@ -143,7 +143,7 @@ async def test_no_partials_when_the_protocol_has_none(shell: CommandService) -> 
 
 
 async def test_timeout_is_capped_by_the_worker() -> None:
-    service = CommandService("os", CommandSettings(max_timeout=0.3, limits=SETTINGS.limits))
+    service = CommandService("os", CommandSettings(max_run_limit=0.3, limits=SETTINGS.limits))
     started = time.monotonic()
     result, _ = await call(service, {"command_name": "sleep", "parameters": ["30"], "timeout": 99})
     assert result.status == "timeout"
@@ -152,7 +152,7 @@ async def test_timeout_is_capped_by_the_worker() -> None:
 
 
 async def test_default_timeout_applies_without_one() -> None:
-    service = CommandService("os", CommandSettings(default_timeout=0.3, limits=SETTINGS.limits))
+    service = CommandService("os", CommandSettings(default_run_limit=0.3, limits=SETTINGS.limits))
     result, _ = await call(service, {"command_name": "sleep", "parameters": ["30"]})
     assert result.status == "timeout"
 
