@@ -47,7 +47,7 @@ CONTEXT = {
 log = logging.getLogger("mdp.worker")
 
 
-class ByteSize(click.ParamType):
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
     """A number of bytes: 1048576, 512K, 1M, 1MiB, 2G (powers of 1024)."""
 
     name = "BYTES"
@@ -266,9 +266,9 @@ def main(
 
     Each command runs in its own process group with a minimal environment (PATH, HOME,
     LANG=C.UTF-8, plus the request's env). When its run limit passes, or on cancel, the whole
-    group gets SIGTERM, then SIGKILL. Output is kept as bytes, capped per stream. Results of requests with a
-    request_id are remembered, so a retried request is never run twice by this process; a
-    request that arrives after its start deadline is answered "expired" and never runs. A
+    group gets SIGTERM, then SIGKILL. Output is kept as bytes, capped per stream. Results of
+    requests with a request_id are remembered, so a retried request is never run twice by this
+    process; a request that arrives after its start deadline is answered "expired" and never runs. A
     watchdog process ends the commands of a worker that dies, however it dies. The body
     format and these guarantees are described in spec/command-service.md.
 

@@ -1,5 +1,6 @@
 """The "os" and "shell" command services: validate the request body, protect against
-duplicates, run the process within its run limit, stream its progress, and answer with a CommandResult.
+duplicates, run the process within its run limit, stream its progress, and answer with a
+CommandResult.
 
 "os" executes `[command_name, *parameters]` directly: no shell ever sees the arguments.
 "shell" runs `/bin/sh -c SCRIPT sh PARAMETERS...` where SCRIPT is `command_name` followed by
@@ -26,6 +27,7 @@ from services.bodies import (
     DEFAULT_MAX_RUN_LIMIT,
     DEFAULT_RUN_LIMIT,
     BodyError,
+    CancelOutcome,
     CancelReply,
     CommandRequest,
     CommandResult,
@@ -198,6 +200,7 @@ class CommandService:
             return [_answer("invalid", str(exc), worker, None, exc.errors).pack()]
         request_id = message.cancel
         run = self.running.get(request_id)
+        outcome: CancelOutcome
         if run is not None:
             run.cancel()
             outcome = "cancelled"

@@ -293,10 +293,11 @@ async def run_process(
 ) -> CommandResult:
     """Run `argv` (no shell involved) for at most `run_limit` seconds and return how it ended:
     status ok, failed, timeout, error or cancelled; `exit_code` or `signal` once the process
-    has ended. Never raises for anything the command does; cancellation kills the process group and re-raises. `popen_kwargs` are
-    extra `subprocess.Popen` arguments (the worker's user switch and resource limits,
-    `services.policy.ChildLimits.popen_kwargs`). `control` lets a caller cancel the run;
-    `tracker` is told of the process group (see the module docstring)."""
+    has ended. Never raises for anything the command does; cancellation kills the process
+    group and re-raises. `popen_kwargs` are extra `subprocess.Popen` arguments (the worker's
+    user switch and resource limits, `services.policy.ChildLimits.popen_kwargs`). `control`
+    lets a caller cancel the run; `tracker` is told of the process group (see the module
+    docstring)."""
     started = time.monotonic()
     control = control or RunControl()
     if control.cancelled:
