@@ -43,7 +43,7 @@ from mdp.errors import MDPError
 F = TypeVar("F", bound=Callable[..., Any])
 
 PROG = "mdp-client"
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 EXIT_CODES = """\b
 Exit codes (when several apply, the first in this list wins):

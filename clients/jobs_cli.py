@@ -27,7 +27,7 @@ from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsol
 from clients.results import CommandOutcome, ExitCode, exit_code_for
 from mdp.client import Client, RequestTimeout
 from mdp.errors import MDPError
-from services.bodies import WorkerInfo
+from services.bodies import CommandResult, WorkerInfo
 
 __all__ = ["EXIT_PENDING", "EXIT_UNKNOWN_JOB", "register"]
 
@@ -194,14 +194,9 @@ def outcome_of(index: int, entry: dict[str, Any]) -> CommandOutcome:
     outcome = CommandOutcome(index=index, spec=spec, request_id=job["id"], status=state)
     result = entry.get("result")
     if isinstance(result, dict):
-        outcome.exit_code = result.get("exit_code")
-        outcome.signal = result.get("signal")
-        outcome.stdout = result.get("stdout") or b""
-        outcome.stderr = result.get("stderr") or b""
-        outcome.truncated = bool(result.get("truncated"))
-        outcome.duration_ms = result.get("duration_ms")
-        outcome.message = result.get("message")
-        outcome.errors = result.get("errors")
+        with contextlib.suppress(ValidationError):  # not a command result: show the state only
+            outcome.take(CommandResult.model_validate(result))
+        outcome.status = state  # the job's state says more (e.g. lost after a re-attach)
     if job.get("worker"):
         with contextlib.suppress(ValidationError):
             outcome.worker = WorkerInfo.model_validate(job["worker"])
@@ -464,8 +459,8 @@ def _results_command(wait: bool) -> Callable[..., None]:
     ) -> None:
         connection = Connection(params, parent)
         mode = output_mode(as_json, as_jsonl)
-        if wait and connection.timeout <= WAIT_SLICE:
-            connection.timeout = WAIT_SLICE + 5  # a held long poll is not silence
+        if wait and connection.silence_limit <= WAIT_SLICE:
+            connection.silence_limit = WAIT_SLICE + 5  # a held long poll is not silence
 
         async def go() -> int:
             async with jobs_api(connection, embedded, db) as api:
@@ -534,8 +529,8 @@ def logs(
     output until it ends. Output is kept as numbered chunks: when interrupted, the number to
     resume from is printed on stderr (`--from N`)."""
     connection = Connection(params, parent)
-    if follow and connection.timeout <= WAIT_SLICE:
-        connection.timeout = WAIT_SLICE + 5  # a held long poll is not silence
+    if follow and connection.silence_limit <= WAIT_SLICE:
+        connection.silence_limit = WAIT_SLICE + 5  # a held long poll is not silence
 
     async def go() -> int:
         position = start

@@ -63,6 +63,9 @@ class CommandOutcome(CommandResult):
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
+    status: str  # type: ignore[assignment]
+    """A worker's status, "lost", or (`mdp-client status/wait`) a job's state such as "queued",
+    "running" or "unknown" (spec/jobs.md §1)."""
     index: int
     """The command's place in the file."""
     spec: CommandSpec
