@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import socket
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,18 @@ class BrokerSettings:
     liveness: int | None = None
     request_ttl: float | None = None
     quiet_ms: int | None = None
+
+
+def _check_listening(endpoint: str) -> None:
+    """A tcp endpoint nobody listens on would make every rule time out: say so at once."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return
+    except (OSError, ValueError) as exc:
+        raise StartError(f"no broker listens on {endpoint}: {exc}") from None
 
 
 def _number(value: float) -> str:
@@ -72,6 +85,8 @@ class BrokerSubject:
         self.endpoint = settings.endpoint or ""
         if settings.command is not None:
             self._start()
+        else:
+            _check_listening(self.endpoint)
 
     @property
     def command_line(self) -> str:

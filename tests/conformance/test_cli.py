@@ -4,6 +4,7 @@ that imports nothing from the code it judges."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -82,3 +83,12 @@ def test_a_broker_that_cannot_start_exits_3() -> None:
     done = conformance("broker", "--cmd", f"{sys.executable} -c 'raise SystemExit(7)' {{endpoint}}")
     assert done.returncode == 3
     assert "exited at start" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_endpoint_nobody_listens_on_exits_3_at_once() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        done = conformance("broker", "--endpoint", f"tcp://127.0.0.1:{port}")
+    assert done.returncode == 3
+    assert "no broker listens on" in done.stderr
