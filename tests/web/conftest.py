@@ -81,13 +81,26 @@ def _option(command: list[str], name: str) -> bool:
     return name in text
 
 
+def broker_has_insecure() -> bool:
+    """This mdp-broker has --insecure (needed for tcp:// without CURVE where it exists)."""
+    return _option([script("mdp-broker")], "--insecure")
+
+
+def printed_url(web: Process) -> str | None:
+    """The base URL mdp-web printed at start, once it has."""
+    if not web.alive():
+        raise AssertionError(f"mdp-web exited: {web.output()[1]!r}")
+    found = re.search(rb"open (http://127\.0\.0\.1:\d+)/", web.output()[1])
+    return found.group(1).decode() if found else None
+
+
 @pytest.fixture(scope="package")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     """The whole stack, started once for the web tests."""
     home = tmp_path_factory.mktemp("web")
     endpoint = free_tcp_endpoint()
     beat = ["--heartbeat-ms", str(TEST_HEARTBEAT_MS), "--liveness", str(TEST_LIVENESS)]
-    extra = ["--insecure"] if _option([script("mdp-broker")], "--insecure") else []
+    extra = ["--insecure"] if broker_has_insecure() else []
     broker = start_broker(endpoint, *extra)
     processes = [broker]
     try:
@@ -134,13 +147,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         )
         processes.append(web)
 
-        def printed_url() -> str | None:
-            if not web.alive():
-                raise AssertionError(f"mdp-web exited: {web.output()[1]!r}")
-            found = re.search(rb"open (http://127\.0\.0\.1:\d+)/", web.output()[1])
-            return found.group(1).decode() if found else None
-
-        url = wait_until(printed_url, timeout=20, what="mdp-web to print its URL")
+        url = wait_until(lambda: printed_url(web), timeout=20, what="mdp-web to print its URL")
         stack = Console(url, token, endpoint, web)
         with stack.client() as http:
 

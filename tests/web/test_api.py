@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import wait_until
-from tests.web.conftest import Console, submit, wait_for_state
+from tests.support import Process, free_tcp_endpoint, script, start_broker, wait_until
+from tests.web.conftest import (
+    Console,
+    broker_has_insecure,
+    printed_url,
+    submit,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -325,3 +334,51 @@ def _value(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{series} not in the scrape")
+
+
+def test_without_mdp_jobs_job_endpoints_say_503_at_once(tmp_path: Path) -> None:
+    endpoint = free_tcp_endpoint()
+    extra = ["--insecure"] if broker_has_insecure() else []
+    broker = start_broker(endpoint, *extra)
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "token").write_text(token)
+    web = Process(
+        [
+            *(script("mdp-web"), "--broker", endpoint, "--bind", "127.0.0.1:0"),
+            *("--token-file", str(tmp_path / "token")),
+        ],
+        to_files=True,
+    )
+    try:
+        url = wait_until(lambda: printed_url(web), timeout=20, what="mdp-web's URL")
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            assert http.get("/api/v1/services").json() == {"services": []}
+            started = time.monotonic()
+            answer = http.post("/api/v1/jobs", json={"command_type": "os", "command_name": "true"})
+            assert answer.status_code == 503
+            assert "is mdp-jobs running?" in answer.json()["detail"]
+            assert time.monotonic() - started < 15  # one silent attempt, then MMI says why
+            page = http.get("/")
+            assert page.status_code == 200
+            assert "start <code>mdp-jobs</code>" in page.text
+    finally:
+        web.stop()
+        broker.stop()
+
+
+def test_a_non_loopback_bind_without_tls_is_refused(tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [script("mdp-web"), "--bind", "0.0.0.0:0"], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 2
+    assert "refusing to serve 0.0.0.0:0 over plain http" in refused.stderr
+    (tmp_path / "short").write_text("tiny\n")
+    short = subprocess.run(
+        [script("mdp-web"), "--token-file", str(tmp_path / "short")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert short.returncode == 2
+    assert "at least 16 characters" in short.stderr
