@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -153,6 +154,10 @@ def create_app(backend: Backend, guard: Guard) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    # Swagger UI 4 (swagger-ui-bundle, served locally) renders OpenAPI 3.0 documents only; what
+    # FastAPI writes here is valid 3.0 but for `type: null` in optional fields, which it shows.
+    app.openapi_version = "3.0.3"
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.backend = backend
     app.state.guard = guard
     app.state.metrics = WebMetrics()
@@ -195,6 +200,25 @@ def create_app(backend: Backend, guard: Guard) -> FastAPI:
 
     app.add_middleware(GuardMiddleware, guard=guard)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, saying that every operation takes the Bearer token (so the API
+    page has an "Authorize" button)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            openapi_version=app.openapi_version,
+            description=app.description,
+            routes=app.routes,
+        )
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "token": {"type": "http", "scheme": "bearer", "description": "mdp-web's token"}
+        }
+        schema["security"] = [{"token": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _docs(app: FastAPI) -> None:

@@ -141,6 +141,8 @@ def test_workers_degrade_when_the_broker_does_not_list_them(http: httpx.Client) 
 
 def test_openapi_document_describes_the_api(http: httpx.Client) -> None:
     document = http.get("/api/v1/openapi.json").json()
+    assert document["openapi"].startswith("3.0")  # what the bundled Swagger UI renders
+    assert document["security"] == [{"token": []}]
     paths = document["paths"]
     for path in ("/api/v1/jobs", "/api/v1/jobs/{job_id}/events", "/api/v1/services"):
         assert path in paths

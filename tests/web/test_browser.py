@@ -100,6 +100,12 @@ def test_dashboard_lists_a_registered_worker(page: playwright_api.Page) -> None:
     assert width <= 360
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == "rgb(13, 17, 23)"  # the dark palette
+    # The API page renders the OpenAPI document from files served here (no CDN).
+    page.set_viewport_size({"width": 1100, "height": 760})
+    page.goto("/api/v1/docs")
+    expect(page.get_by_text("/api/v1/jobs/{job_id}/events")).to_be_visible()
+    expect(page.get_by_role("button", name="Authorize")).to_be_visible()
+    page.goto("/")
 
 
 def test_run_form_shows_output_live_and_the_final_state(
