@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import msgpack
 
+from clients.jobs import JobsAPI, JobsError
 from mdp import mmi
 from mdp.client import Client, MMINotImplemented, RequestTimeout
 from mdp.errors import MDPError, ProtocolError
@@ -73,6 +74,8 @@ class Backend:
 
     def __init__(self, client: Client) -> None:
         self.client = client
+        self.jobs = JobsAPI(client)
+        """The job services' wire (clients/jobs.py, shared with mdp-client's job commands)."""
 
     def close(self) -> None:
         """Close the MDP client's sockets."""
@@ -123,38 +126,19 @@ class Backend:
         first silence the broker is asked whether the service has a worker at all, so a missing
         mdp-jobs is reported at once instead of after every attempt.
         """
-        frame = msgpack.packb(body, use_bin_type=True)
-        reply: list[bytes] | None = None
         for attempt in range(ATTEMPTS):
             try:
-                reply = await self.client.request(
-                    service, frame, timeout=CALL_TIMEOUT + wait, retries=0
-                )
-                break
+                return await self.jobs.call(service, body, timeout=CALL_TIMEOUT + wait, retries=0)
             except RequestTimeout:
                 if attempt == 0:
                     why = await self._why_silent(service)
                     if why is not None:
                         raise BackendError(503, why) from None
+            except JobsError as exc:
+                raise _refusal(service, exc) from None
             except MDPError as exc:
                 raise BackendError(502, f"{service}: {exc}") from None
-        if reply is None:
-            raise BackendError(503, f"{service} did not answer in time")
-        try:
-            answer = msgpack.unpackb(reply[0], raw=False) if len(reply) == 1 else None
-        except Exception:  # msgpack raises several unrelated types for bad input
-            answer = None
-        if not isinstance(answer, dict):
-            raise BackendError(502, f"{service}: the answer is not a msgpack map")
-        status = answer.get("status")
-        if status == "ok":
-            return answer
-        message = str(answer.get("message") or status)
-        if status == "invalid":
-            raise BackendError(422, message, list(answer.get("errors") or []))
-        if status in ("conflict", "expired"):
-            raise BackendError(409, message)
-        raise BackendError(503, f"{service}: {message}")
+        raise BackendError(503, f"{service} did not answer in time")
 
     async def _why_silent(self, service: str) -> str | None:
         """Why `service` is silent when nobody serves it (None: it has workers, retry)."""
@@ -245,6 +229,17 @@ class Backend:
 
         counts = await asyncio.gather(*(count(s) for s in JOB_STATES))
         return dict(zip(JOB_STATES, counts, strict=True))
+
+
+def _refusal(service: str, exc: JobsError) -> BackendError:
+    """The HTTP view of a job service's refusal (spec/jobs.md §2)."""
+    answer = exc.answer
+    message = str(answer.get("message") or exc.status)
+    if exc.status == "invalid":
+        return BackendError(422, message, list(answer.get("errors") or []))
+    if exc.status in ("conflict", "expired"):
+        return BackendError(409, message)
+    return BackendError(503, f"{service}: {message}")
 
 
 def _map(value: Any) -> dict[str, Any]:
