@@ -12,11 +12,11 @@ import base64
 import enum
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ConfigDict, Field
 
-from services.bodies import CommandResult, CommandSpec, WorkerInfo
+from services.bodies import CommandResult, CommandSpec, WorkerInfo, WorkerStatus
 
 __all__ = ["CommandOutcome", "ExitCode", "exit_code_for", "json_bytes", "summary"]
 
@@ -44,17 +44,7 @@ class ExitCode(enum.IntEnum):
 
 # Statuses a worker reports (spec/command-service.md), plus "lost": the client got no result.
 FAILED_STATUSES = frozenset({"failed", "error", "invalid", "rejected", "cancelled"})
-STATUS_ORDER = (
-    "ok",
-    "failed",
-    "timeout",
-    "error",
-    "invalid",
-    "rejected",
-    "cancelled",
-    "expired",
-    "lost",
-)
+STATUS_ORDER: tuple[str, ...] = (*get_args(WorkerStatus), "lost")
 
 
 class CommandOutcome(CommandResult):

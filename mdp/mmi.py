@@ -30,6 +30,7 @@ __all__ = [
     "PREFIX",
     "SERVICE",
     "SERVICES",
+    "WORKERS",
     "MMINotImplemented",
     "ServiceInfo",
     "decode_services",
@@ -41,6 +42,9 @@ PREFIX: Final = b"mmi."
 """RFC 8: the namespace the broker answers itself."""
 SERVICE: Final = b"mmi.service"
 SERVICES: Final = b"mmi.services"
+WORKERS: Final = b"mmi.workers"
+"""The fleet's extension (a msgpack list of one map per worker); its schema joins this module
+when the broker answers it."""
 
 FOUND: Final = b"200"
 NOT_FOUND: Final = b"404"

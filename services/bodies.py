@@ -25,7 +25,8 @@ reply before the client gives up on it; it is no part of any body.
 from __future__ import annotations
 
 import shlex
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -56,6 +57,15 @@ class BodyError(ValueError):
     def __init__(self, message: str, errors: list[dict[str, str]] | None = None) -> None:
         super().__init__(message)
         self.errors = errors or [{"loc": "", "msg": message, "type": "body"}]
+
+
+def valid_service_name(value: str) -> str:
+    """`value` if it is a valid MDP service name; else ValueError (for pydantic validators)."""
+    try:
+        validate_service_name(value.encode())
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 def _no_nul(value: str) -> str:
@@ -138,11 +148,7 @@ class CommandSpec(CommandFields):
     @field_validator("command_type")
     @classmethod
     def _service_name(cls, value: str) -> str:
-        try:
-            validate_service_name(value.encode())
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if mmi.is_mmi(value):
+        if mmi.is_mmi(valid_service_name(value)):
             raise ValueError("mmi.* names belong to the broker's management interface")
         return value
 
@@ -172,7 +178,7 @@ class WorkerInfo(_Body):
 
 
 WorkerStatus = Literal[
-    "ok", "failed", "timeout", "error", "invalid", "rejected", "expired", "cancelled"
+    "ok", "failed", "timeout", "error", "invalid", "rejected", "cancelled", "expired"
 ]
 """The statuses a worker reports (spec/command-service.md §8)."""
 Status = WorkerStatus | Literal["lost"]
@@ -286,45 +292,39 @@ def _errors_of(exc: ValidationError) -> list[dict[str, str]]:
     ]
 
 
-def parse_request(frames: list[bytes]) -> CommandRequest:
-    """Validate a request body (exactly one frame). Raises BodyError with field-by-field errors."""
+T = TypeVar("T")
+
+
+def parse_body(validate: Callable[[dict[str, Any]], T], frames: list[bytes], what: str) -> T:
+    """Validate a body of exactly one msgpack-map frame with `validate` (e.g. a model's
+    `model_validate`). Raises BodyError saying `what` was invalid, field by field."""
     if len(frames) != 1:
         raise BodyError(f"body must be exactly one frame, got {len(frames)}")
     data = unpack_map(frames[0])
     try:
-        return CommandRequest.model_validate(data)
+        return validate(data)
     except ValidationError as exc:
-        raise BodyError("invalid command request", _errors_of(exc)) from None
+        raise BodyError(f"invalid {what}", _errors_of(exc)) from None
+
+
+def parse_request(frames: list[bytes]) -> CommandRequest:
+    """Validate a request body (exactly one frame). Raises BodyError with field-by-field errors."""
+    return parse_body(CommandRequest.model_validate, frames, "command request")
 
 
 def parse_cancel(frames: list[bytes]) -> CancelRequest:
     """Validate a control body sent to `SERVICE@NAME`. Raises BodyError."""
-    if len(frames) != 1:
-        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
-    try:
-        return CancelRequest.model_validate(unpack_map(frames[0]))
-    except ValidationError as exc:
-        raise BodyError("invalid control message", _errors_of(exc)) from None
+    return parse_body(CancelRequest.model_validate, frames, "control message")
 
 
 def parse_cancel_reply(frames: list[bytes]) -> CancelReply:
     """Validate the FINAL answer to a cancel message. Raises BodyError."""
-    if len(frames) != 1:
-        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
-    try:
-        return CancelReply.model_validate(unpack_map(frames[0]))
-    except ValidationError as exc:
-        raise BodyError("invalid cancel answer", _errors_of(exc)) from None
+    return parse_body(CancelReply.model_validate, frames, "cancel answer")
 
 
 def parse_result(frames: list[bytes]) -> CommandResult:
     """Validate a FINAL body from a command service."""
-    if len(frames) != 1:
-        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
-    try:
-        result = CommandResult.model_validate(unpack_map(frames[0]))
-    except ValidationError as exc:
-        raise BodyError("invalid command result", _errors_of(exc)) from None
+    result = parse_body(CommandResult.model_validate, frames, "command result")
     if result.status == "lost":  # only the side that got no result may say so
         raise BodyError("invalid command result: a worker cannot report 'lost'")
     return result
@@ -332,9 +332,4 @@ def parse_result(frames: list[bytes]) -> CommandResult:
 
 def parse_partial(frames: list[bytes]) -> PartialEvent:
     """Validate a PARTIAL body from a command service (started, progress or output)."""
-    if len(frames) != 1:
-        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
-    try:
-        return _PARTIAL.validate_python(unpack_map(frames[0]))
-    except ValidationError as exc:
-        raise BodyError("invalid partial body", _errors_of(exc)) from None
+    return parse_body(_PARTIAL.validate_python, frames, "partial body")

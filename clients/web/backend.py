@@ -40,7 +40,7 @@ JOB_STATES: Final = (
     "lost",
 )
 TERMINAL_STATES: Final = frozenset(JOB_STATES[2:])
-WORKERS_SERVICE: Final = b"mmi.workers"
+WORKERS_SERVICE: Final = mmi.WORKERS
 """The fleet's MMI extension (issue 14): a msgpack list of one map per worker."""
 CALL_TIMEOUT: Final = 5.0
 """Seconds a job-service call may stay silent (on top of a long poll's own wait)."""

@@ -8,11 +8,16 @@ import re
 import time
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mdp.errors import ProtocolError
-from mdp.protocol import validate_service_name
-from services.bodies import BodyError, CommandRequest, pack, unpack_map
+from services.bodies import (
+    BodyError,
+    CommandRequest,
+    pack,
+    parse_body,
+    unpack_map,
+    valid_service_name,
+)
 from services.jobs.store.base import STATES, Job, Tombstone
 
 __all__ = [
@@ -57,11 +62,7 @@ class SubmitJob(_Request):
     @field_validator("service")
     @classmethod
     def _service_name(cls, value: str) -> str:
-        try:
-            validate_service_name(value.encode())
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
-        if value.startswith(("mmi.", "jobs.", "titanic.")):
+        if valid_service_name(value).startswith(("mmi.", "jobs.", "titanic.")):
             raise ValueError("a job cannot target the mmi., jobs. or titanic. services")
         return value
 
@@ -121,21 +122,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def parse(model: type[M], frames: list[bytes]) -> M:
     """Validate a jobs.* request body (one msgpack map frame). Raises BodyError."""
-    if len(frames) != 1:
-        raise BodyError(f"body must be exactly one frame, got {len(frames)}")
-    data = unpack_map(frames[0])
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = [
-            {
-                "loc": ".".join(str(p) for p in e["loc"]),
-                "msg": e["msg"],
-                "type": e["type"],
-            }
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        raise BodyError(f"invalid {model.__name__} request", errors) from None
+    return parse_body(model.model_validate, frames, f"{model.__name__} request")
 
 
 def job_map(job: Job, *, with_request: bool = False) -> dict[str, Any]:
