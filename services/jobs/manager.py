@@ -679,9 +679,10 @@ class JobManager:
 
     async def _status(self, request: Request) -> list[bytes]:
         asked = wire.parse(wire.StatusOfJobs, request.body)
+        found = await self.store.get_many(asked.ids)
         jobs = [
-            wire.lookup_map(job_id, await self.store.get(job_id), with_request=True)
-            for job_id in asked.ids
+            wire.lookup_map(job_id, job, with_request=True)
+            for job_id, job in zip(asked.ids, found, strict=True)
         ]
         return wire.answer(jobs=jobs)
 

@@ -283,6 +283,10 @@ class JobStore(abc.ABC):
     async def get(self, job_id: str) -> Job | Tombstone | None:
         """The job, its tombstone if it was purged, or None if the id was never stored."""
 
+    async def get_many(self, ids: Sequence[str]) -> list[Job | Tombstone | None]:
+        """`get` of each id, in order (a store may answer them in one query)."""
+        return [await self.get(job_id) for job_id in ids]
+
     @abc.abstractmethod
     async def list_jobs(
         self,

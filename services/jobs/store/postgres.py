@@ -16,9 +16,14 @@ Theory of operation
 - **Leases.** A running job is held by one owner (a manager process) until `lease_until`;
   `renew` extends the leases of the jobs it follows, `take_over` gives the jobs whose lease ran
   out (their owner died) to a live one, which re-attaches them by `request_id`.
-- **Wake-ups.** Writes send `pg_notify('mdp_jobs', '<origin> <kind> <id>')` inside their
-  transaction (delivered on commit). One listening connection per store passes the
-  notifications of *other* stores to the callbacks of `subscribe()`. A notification is only a
+- **Round trips.** Connections run in autocommit mode: a write that is one statement (submit,
+  claim, update, renew, take-over) is one round trip and its own transaction; the others use
+  an explicit transaction.
+- **Wake-ups.** A trigger sends `pg_notify('mdp_jobs', '<origin> <kind> <id>')` for each
+  submitted job, released claim and changed job, inside the writing transaction (delivered
+  on commit); `<origin>` is the writing connection's `mdp.origin` setting. One listening
+  connection per store passes the notifications of *other* stores to the callbacks of
+  `subscribe()`. A notification is only a
   hint: a lost one (the listener was reconnecting) delays a waiter until its next poll, it
   never loses a job.
 - **Connection loss.** Connections come from a psycopg pool that replaces broken ones. A
@@ -77,6 +82,8 @@ POOL_SIZE = 8
 """Connections per store: enough for concurrent submits to share the server's WAL flushes."""
 CONNECT_TIMEOUT = 3.0
 """Seconds to wait for a connection before a submit or a read fails with StoreError."""
+RETRY_CONNECT_TIMEOUT = 0.5
+"""Seconds to wait for a connection when retrying after a lost one."""
 RETRY_INTERVAL = 0.5
 """Seconds between the attempts of a write that waits for the database to come back."""
 _MIGRATION_LOCK = 0x4D44504A0001
@@ -132,6 +139,29 @@ MIGRATIONS: list[str] = [
         purged DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX mdp_jobs_tombstones_purged ON mdp_jobs_tombstones (purged);
+    -- Wake-up hints, sent by the database itself on commit: no extra round trip per write.
+    -- The payload starts with the writer's origin (a session setting), so a store can skip
+    -- its own changes.
+    CREATE FUNCTION mdp_jobs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        kind TEXT;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            kind := 'queued';
+        ELSIF NEW.state = 'queued' AND NEW.claimed IS NULL AND OLD.claimed IS NOT NULL THEN
+            kind := 'queued';
+        ELSIF NEW.state <> OLD.state OR NEW.output_chunks <> OLD.output_chunks
+                OR NEW.cancel_requested <> OLD.cancel_requested THEN
+            kind := 'job';
+        ELSE
+            RETURN NULL;
+        END IF;
+        PERFORM pg_notify('mdp_jobs', coalesce(current_setting('mdp.origin', true), '-')
+            || ' ' || kind || ' ' || NEW.id);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER mdp_jobs_notify AFTER INSERT OR UPDATE ON mdp_jobs
+        FOR EACH ROW EXECUTE FUNCTION mdp_jobs_notify();
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -246,6 +276,8 @@ class PostgresStore(JobStore):
             reconnect_timeout=0,
             open=False,
             name="mdp-jobs",
+            kwargs={"autocommit": True},
+            configure=self._configure,
         )
         try:
             await pool.open(wait=True, timeout=self._connect_timeout)
@@ -273,6 +305,10 @@ class PostgresStore(JobStore):
         if pool is not None:
             await pool.close()
 
+    async def _configure(self, conn: Conn) -> None:
+        """Each new pooled connection tags the notifications its writes cause."""
+        await conn.execute("SELECT set_config('mdp.origin', %s, false)", (self.origin,))
+
     async def _migrate(self) -> None:
         async def run(conn: Conn) -> None:
             # One migrator at a time; the others wait here and then find the schema current.
@@ -294,7 +330,7 @@ class PostgresStore(JobStore):
             if version < SCHEMA_VERSION:
                 await conn.execute("UPDATE mdp_jobs_meta SET version = %s", (SCHEMA_VERSION,))
 
-        await self._transaction(run, retry=False)
+        await self._transaction(run, retry=False, atomic=True)
 
     @staticmethod
     async def _version(conn: Conn) -> int:
@@ -321,9 +357,15 @@ class PostgresStore(JobStore):
     # --- transactions --------------------------------------------------------------------
 
     async def _transaction(
-        self, fn: Callable[[Conn], Awaitable[T]], *, retry: bool = True, wait: bool = False
+        self,
+        fn: Callable[[Conn], Awaitable[T]],
+        *,
+        retry: bool = True,
+        wait: bool = False,
+        atomic: bool = False,
     ) -> T:
-        """Run `fn` in one transaction on a pooled connection and commit.
+        """Run `fn` on a pooled (autocommit) connection: in one transaction with `atomic`,
+        else each statement commits on its own (for `fn`s of one write statement).
 
         `retry`: a lost connection is retried once on a fresh one (every operation here is
         idempotent or a compare-and-set). `wait`: keep retrying until the database is back or
@@ -334,8 +376,14 @@ class PostgresStore(JobStore):
             if pool is None:
                 raise StoreError("the job store is not open")
             try:
-                async with pool.connection() as conn, conn.transaction():
-                    return await fn(conn)
+                # After a loss, a new connection is only worth a short wait: the server is
+                # probably down, and a submit must fail fast rather than hang.
+                timeout = self._connect_timeout if attempt == 0 else RETRY_CONNECT_TIMEOUT
+                async with pool.connection(timeout=timeout) as conn:
+                    if not atomic:
+                        return await fn(conn)
+                    async with conn.transaction():
+                        return await fn(conn)
             except (StoreError, ValueError):
                 raise
             except Exception as exc:
@@ -357,9 +405,6 @@ class PostgresStore(JobStore):
                 if retry and attempt == 1:
                     continue
                 raise _store_error(exc) from None
-
-    async def _notify(self, conn: Conn, kind: str, job_id: str) -> None:
-        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin} {kind} {job_id}"))
 
     # --- wake-ups ------------------------------------------------------------------------
 
@@ -416,7 +461,6 @@ class PostgresStore(JobStore):
             )
             row = await cur.fetchone()
             if row is not None:
-                await self._notify(conn, "queued", job.id)
                 stored = Job(
                     id=job.id,
                     seq=int(row[0]),
@@ -497,8 +541,6 @@ class PostgresStore(JobStore):
                 sql += " AND claimed < %s"
                 params = (before,)
             cur = await conn.execute(sql, params)
-            if cur.rowcount:
-                await self._notify(conn, "queued", "")
             return max(cur.rowcount, 0)
 
         return await self._transaction(op)
@@ -519,55 +561,37 @@ class PostgresStore(JobStore):
         async def op(conn: Conn) -> Job | None:
             cur = await conn.execute(sql, params)
             row = await cur.fetchone()
-            if row is None:
-                return None
-            await self._notify(conn, "job", job_id)
-            if changes.get("claimed", 0) is None:
-                await self._notify(conn, "queued", job_id)
-            return _job(row)
+            return None if row is None else _job(row)
 
         return await self._transaction(op, wait=True)
 
     async def append_output(
         self, job_id: str, chunks: Sequence[tuple[str, bytes]], cap: int
     ) -> Job | None:
-        pieces = [(stream, bytes(data)) for stream, data in chunks]
+        streams = [stream for stream, _ in chunks]
+        datas = [bytes(data) for _, data in chunks]
+        returning = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 
         async def op(conn: Conn) -> Job | None:
-            # The row lock orders concurrent appends to one job (chunk numbers stay dense).
+            # One statement, so one round trip: the row lock (FOR UPDATE) orders concurrent
+            # appends to one job; the chunks kept are the prefix that fits under the cap
+            # (a running sum), numbered after the stored ones.
             cur = await conn.execute(
-                "SELECT seq, output_chunks, output_bytes, output_truncated FROM mdp_jobs "
-                "WHERE id = %s FOR UPDATE",
-                (job_id,),
+                "WITH j AS (SELECT seq, output_chunks AS n0, output_bytes AS b0, "
+                "output_truncated AS t0 FROM mdp_jobs WHERE id = %s FOR UPDATE), "
+                "c AS (SELECT ord, stream, data, sum(length(data)) OVER (ORDER BY ord) AS cum "
+                "FROM unnest(%s::text[], %s::bytea[]) WITH ORDINALITY AS u(stream, data, ord)), "
+                "k AS (SELECT c.* FROM c, j WHERE NOT j.t0 AND j.b0 + c.cum <= %s), "
+                "ins AS (INSERT INTO mdp_jobs_output (job_seq, n, stream, data) "
+                "SELECT j.seq, j.n0 + k.ord - 1, k.stream, k.data FROM k, j RETURNING 1) "
+                "UPDATE mdp_jobs m SET output_chunks = j.n0 + (SELECT count(*) FROM k), "
+                "output_bytes = j.b0 + coalesce((SELECT max(cum) FROM k), 0), "
+                "output_truncated = j.t0 OR (SELECT count(*) FROM k) < (SELECT count(*) FROM c) "
+                f"FROM j WHERE m.seq = j.seq RETURNING {returning}",
+                (job_id, streams, datas, cap),
             )
             row = await cur.fetchone()
-            if row is None:
-                return None
-            seq, n, size, truncated = row
-            rows = []
-            for stream, data in pieces:
-                if truncated or size + len(data) > cap:
-                    truncated = True
-                    break
-                rows.append((seq, n, stream, data))
-                n += 1
-                size += len(data)
-            if rows:
-                async with conn.cursor() as many:
-                    await many.executemany(
-                        "INSERT INTO mdp_jobs_output (job_seq, n, stream, data) "
-                        "VALUES (%s, %s, %s, %s)",
-                        rows,
-                    )
-            cur = await conn.execute(
-                "UPDATE mdp_jobs SET output_chunks = %s, output_bytes = %s, "
-                f"output_truncated = %s WHERE seq = %s RETURNING {_COLUMNS}",
-                (n, size, bool(truncated), seq),
-            )
-            updated = await cur.fetchone()
-            assert updated is not None  # locked above
-            await self._notify(conn, "job", job_id)
-            return _job(updated)
+            return None if row is None else _job(row)
 
         return await self._transaction(op, wait=True)
 
@@ -582,10 +606,9 @@ class PostgresStore(JobStore):
             if row is None:
                 return False
             await _remove(conn, [row], now)
-            await self._notify(conn, "job", job_id)
             return True
 
-        return await self._transaction(op)
+        return await self._transaction(op, atomic=True)
 
     async def purge(
         self,
@@ -638,7 +661,7 @@ class PostgresStore(JobStore):
             )
             return PurgeCounts(len(outputs), len(records), max(cur.rowcount, 0))
 
-        return await self._transaction(op)
+        return await self._transaction(op, atomic=True)
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -657,6 +680,29 @@ class PostgresStore(JobStore):
             )
             stone = await cur.fetchone()
             return None if stone is None else Tombstone(*stone)
+
+        return await self._read(read)
+
+    async def get_many(self, ids: Sequence[str]) -> list[Job | Tombstone | None]:
+        wanted = list(ids)
+
+        async def read(conn: Conn) -> list[Job | Tombstone | None]:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM mdp_jobs WHERE id = ANY(%s)", (wanted,)
+            )
+            found: dict[str, Job | Tombstone] = {}
+            for row in await cur.fetchall():
+                found[row[1]] = _job(row)
+            missing = [job_id for job_id in wanted if job_id not in found]
+            if missing:
+                cur = await conn.execute(
+                    "SELECT id, state, finished, purged FROM mdp_jobs_tombstones "
+                    "WHERE id = ANY(%s)",
+                    (missing,),
+                )
+                for stone in await cur.fetchall():
+                    found[stone[0]] = Tombstone(*stone)
+            return [found.get(job_id) for job_id in wanted]
 
         return await self._read(read)
 

@@ -336,3 +336,13 @@ async def test_take_over_is_bounded_and_leaves_no_job_to_two_owners(
     )
     ids = [j.id for taken in rounds for j in taken]
     assert len(ids) == len(set(ids)) == 15
+
+
+async def test_get_many_answers_each_id_in_order(store: JobStore) -> None:
+    await store.submit(new("a"))
+    await store.submit(new("b"))
+    await finish(store, "b", "ok", T0)
+    await store.delete("b", T0 + 1)
+    found = await store.get_many(["nope", "b", "a", "a"])
+    assert found[0] is None and isinstance(found[1], Tombstone)
+    assert [j.id if isinstance(j, Job) else None for j in found[2:]] == ["a", "a"]
