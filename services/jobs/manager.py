@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import socket
 import time
 import uuid
@@ -464,9 +463,20 @@ class JobManager:
         """At start: every `running` job that is ours gets a re-attach task (spec/jobs.md §4):
         all of them in a store only we use; with peers, those of our name (our previous run)
         and those whose lease ran out."""
-        now = self._clock() if self.store.shared else math.inf
-        while await self._take_over(now, own=True) == TAKE_OVER_BATCH:
-            pass
+        if self.store.shared:
+            while await self._take_over(self._clock(), own=True) == TAKE_OVER_BATCH:
+                pass
+            return
+        cursor: int | None = None  # only we use this store: every running job is ours
+        while True:
+            page = await self.store.list_jobs(states={"running"}, before=cursor, limit=1000)
+            for job in page:
+                self._following.add(job.id)
+                self._in_flight[job.service] += 1
+                self._spawn(self._reattach_task(job))
+            if len(page) < 1000:
+                return
+            cursor = page[-1].seq
 
     async def _take_over(self, now: float, *, own: bool = False) -> int:
         """Take over (and re-attach) a batch of running jobs whose lease ran out."""
@@ -502,6 +512,7 @@ class JobManager:
                         # ended: it follows the run now; ours ends at its next event.
                         self._following.discard(lost)
                 if self.store.shared:
+                    await self._cancels_from_peers(list(self._following))
                     await self._take_over(now)
                     released = await self.store.release_claims(
                         before=now - s.dispatch_timeout - SKEW
@@ -518,6 +529,30 @@ class JobManager:
             self._wake.set()
         elif job_id:
             self._notify(job_id)
+            if job_id in self._following and job_id not in self._cancel_requested:
+                self._spawn(self._cancels_from_peers([job_id]))
+
+    async def _cancels_from_peers(self, ids: list[str]) -> None:
+        """A cancel is a row: another job service may have set `cancel_requested` on a run we
+        follow. We hold it, so we ask its worker (on our broker) to stop, and count the FINAL
+        as a cancel."""
+        if not ids:
+            return
+        try:
+            found = await self.store.get_many(ids)
+        except StoreError as exc:
+            log.warning("cancel check: %s", exc)
+            return
+        for job in found:
+            if (
+                isinstance(job, Job)
+                and job.cancel_requested
+                and job.state == "running"
+                and job.id not in self._cancel_requested
+            ):
+                self._cancel_requested.add(job.id)
+                if job.worker:
+                    self._spawn(self._cancel_on_worker(job.id, job.service, job.worker))
 
     async def _reattach_task(self, job: Job) -> None:
         try:

@@ -347,3 +347,31 @@ def test_postgresql_restart_mid_run_loses_nothing_and_services_recover(
         for proc in [*c.jobs.values(), *c.workers, *c.broker_procs]:
             proc.stop(timeout=3)
         server.destroy()
+
+
+def test_logs_follow_and_cancel_through_another_job_service(cluster: Cluster) -> None:
+    """jobs-a (broker 0) runs the job; a client of broker 1 (served by jobs-b only) follows
+    its output as it is written and cancels it: the cancel is a row that jobs-a acts on."""
+    b0, b1, _ = cluster.brokers
+    cluster.workers.append(start_command_worker(b0, "-s", "shell", "-c", "2", "--name", "w0"))
+    cluster.start_jobs("jobs-a", 0)
+    cluster.start_jobs("jobs-b", 1)
+    wait_workers(b0, "shell", 2, timeout=20)
+    wait_registered(b0, timeout=20)
+    wait_registered(b1, timeout=20)
+    with JobsClient(b0) as near, JobsClient(b1) as far:
+        job = near.submit("shell", {"command_name": "echo one; sleep 0.5; echo two; sleep 60"})
+        seen = b""
+        after = 0
+        deadline = time.monotonic() + 20
+        while b"two" not in seen:
+            assert time.monotonic() < deadline, f"output so far: {seen!r}"
+            answer = far.call("jobs.logs", {"id": job, "from": after, "wait": 5}, timeout=10)
+            assert answer["status"] == "ok" and not answer["done"], answer
+            seen += b"".join(chunk["data"] for chunk in answer["chunks"])
+            after = answer["next"]
+        assert seen == b"one\ntwo\n"
+        cancelled = far.call("jobs.cancel", {"ids": [job]})
+        assert cancelled["jobs"][0]["cancel"] == "requested", cancelled
+        answer = far.call("jobs.result", {"id": job, "wait": 15}, timeout=20)
+        assert answer["job"]["state"] == "cancelled", answer

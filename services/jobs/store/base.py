@@ -232,9 +232,10 @@ class JobStore(abc.ABC):
         self, owner: str, now: float, until: float, limit: int, *, own: bool = False
     ) -> list[Job]:
         """Give `owner`, with a lease until `until`, up to `limit` `running` jobs whose lease
-        ran out before `now` (or that have none) -- and with `own`, also those `owner` already
-        holds (a restarted job service of the same name takes its own back at once). The
-        caller re-attaches them (spec/jobs.md §4)."""
+        ran out before `now` (or that have none) -- and with `own`, also those `owner` holds
+        with a lease ending before `until` (a restarted job service of the same name takes
+        its own back at once; the ones just taken are not taken again). The caller re-attaches
+        them (spec/jobs.md §4)."""
 
     @abc.abstractmethod
     async def release_claims(self, before: float) -> int:

@@ -523,9 +523,9 @@ class PostgresStore(JobStore):
             cur = await conn.execute(
                 "UPDATE mdp_jobs SET owner = %s, lease_until = %s WHERE seq IN ("
                 "SELECT seq FROM mdp_jobs WHERE state = 'running' AND (lease_until IS NULL "
-                "OR lease_until < %s OR (%s AND owner = %s)) ORDER BY seq LIMIT %s "
-                f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
-                (owner, until, now, own, owner, max(0, limit)),
+                "OR lease_until < %s OR (%s AND owner = %s AND lease_until < %s)) "
+                f"ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                (owner, until, now, own, owner, until, max(0, limit)),
             )
             return sorted((_job(row) for row in await cur.fetchall()), key=lambda j: j.seq)
 

@@ -497,9 +497,9 @@ class SQLiteStore(JobStore):
             rows = conn.execute(
                 "UPDATE jobs SET owner = ?, lease_until = ? WHERE seq IN ("
                 "SELECT seq FROM jobs WHERE state = 'running' AND (lease_until IS NULL "
-                "OR lease_until < ? OR (? AND owner = ?)) ORDER BY seq LIMIT ?) "
-                f"RETURNING {_COLUMNS}",
-                (owner, until, now, int(own), owner, limit),
+                "OR lease_until < ? OR (? AND owner = ? AND lease_until < ?)) "
+                f"ORDER BY seq LIMIT ?) RETURNING {_COLUMNS}",
+                (owner, until, now, int(own), owner, until, limit),
             ).fetchall()
             return sorted((_job(row) for row in rows), key=lambda j: j.seq)
 

@@ -310,7 +310,7 @@ async def test_take_over_gives_expired_leases_to_a_new_owner(store: JobStore) ->
         await store.submit(new(job_id))
     await start(store, "expired", "dead", T0 + 5)
     await start(store, "live", "alive", T0 + 50)
-    await start(store, "own", "me", T0 + 50)
+    await start(store, "own", "me", T0 + 15)  # written by the previous run of "me"
     taken = await store.take_over("me", T0 + 10, T0 + 20, 100)
     assert [(j.id, j.owner, j.lease_until) for j in taken] == [("expired", "me", T0 + 20)]
     assert await store.take_over("other", T0 + 10, T0 + 20, 100) == []
@@ -346,3 +346,13 @@ async def test_get_many_answers_each_id_in_order(store: JobStore) -> None:
     found = await store.get_many(["nope", "b", "a", "a"])
     assert found[0] is None and isinstance(found[1], Tombstone)
     assert [j.id if isinstance(j, Job) else None for j in found[2:]] == ["a", "a"]
+
+
+async def test_taking_back_own_jobs_in_batches_takes_each_once(store: JobStore) -> None:
+    for i in range(5):
+        await store.submit(new(f"j{i}"))
+        await start(store, f"j{i}", "me", T0 + 5)
+    taken: list[str] = []
+    while batch := await store.take_over("me", T0, T0 + 20, 2, own=True):
+        taken += [j.id for j in batch]
+    assert sorted(taken) == [f"j{i}" for i in range(5)]
