@@ -83,8 +83,11 @@ attempt silence limit) is abandoned and re-sent on a fresh connection, to the ne
 turn, at most --retries times; but a command a worker has already started is never re-sent
 unless --retry-started is given (it may have run), it is reported "lost" instead. Over
 --mdp-version 0.1 the client cannot see a start, so silent commands are only re-sent with
---retry-started. MDP says nothing while a request waits in the broker's queue: keep --parallel
-within the workers' total concurrency, or --timeout above the longest wait.
+--retry-started. Each attempt carries a start deadline (--timeout after it was sent): an
+attempt still waiting in the broker's queue after that (+ 1 s for clock skew) can never start,
+so nothing reported lost runs later and nothing runs twice. MDP says nothing while a request
+waits in the queue: keep --parallel within the workers' total concurrency, or --timeout above
+the longest wait.
 
 In --json/--jsonl output, stdout/stderr are strings when they are valid UTF-8 and
 {{"base64": "..."}} otherwise, and nothing but JSON goes to stdout (a run that stops before
