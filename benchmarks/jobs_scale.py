@@ -98,7 +98,9 @@ class Database:
         import psycopg
 
         with psycopg.connect(self.location) as pg:
-            cur = pg.execute("SELECT count(*) FROM mdp_jobs WHERE state = ANY(%s)", (TERMINAL,))
+            cur = pg.execute(
+                "SELECT count(*) FROM mdp_jobs WHERE state = ANY(%s)", (list(TERMINAL),)
+            )
             found = cur.fetchone()
             return int(found[0]) if found else 0
 

@@ -11,8 +11,9 @@ Theory of operation
   never move a job backwards; retention takes a transaction-level advisory lock
   (`pg_try_advisory_xact_lock`), so it runs in one place at a time.
 - **Durable on return.** Every method is one transaction, committed before it returns, with
-  the server's own durability (`synchronous_commit`, on by default). Concurrent commits from a
-  pool of connections share WAL flushes inside the server (its own group commit).
+  the server's own durability (`synchronous_commit`, on by default). Submits are group-
+  committed: those that arrive while earlier ones commit go together in the next transaction
+  (one multi-row INSERT, one WAL flush), at most `MAX_COMMITTERS` transactions at a time.
 - **Leases.** A running job is held by one owner (a manager process) until `lease_until`;
   `renew` extends the leases of the jobs it follows, `take_over` gives the jobs whose lease ran
   out (their owner died) to a live one, which re-attaches them by `request_id`.
@@ -82,6 +83,10 @@ POOL_SIZE = 8
 """Connections per store: enough for concurrent submits to share the server's WAL flushes."""
 CONNECT_TIMEOUT = 3.0
 """Seconds to wait for a connection before a submit or a read fails with StoreError."""
+MAX_BATCH = 512
+"""Most submits committed in one transaction."""
+MAX_COMMITTERS = 4
+"""Submit transactions in flight at once (each with the submits that queued meanwhile)."""
 RETRY_CONNECT_TIMEOUT = 0.5
 """Seconds to wait for a connection when retrying after a lost one."""
 RETRY_INTERVAL = 0.5
@@ -257,6 +262,9 @@ class PostgresStore(JobStore):
         self._closed = asyncio.Event()
         self._callbacks: list[Callable[[str, str], None]] = []
         self._listener: asyncio.Task[None] | None = None
+        self._pending: list[tuple[NewJob, asyncio.Future[SubmitOutcome]]] = []
+        self._committers = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.listening = asyncio.Event()
         """Set while the listener connection LISTENs (tests wait for it)."""
 
@@ -449,41 +457,39 @@ class PostgresStore(JobStore):
     # --- writes --------------------------------------------------------------------------
 
     async def submit(self, job: NewJob) -> SubmitOutcome:
-        request = _pack(list(job.request))
+        # Group commit: submits that arrive while earlier ones are being committed go in the
+        # next transaction together, so they share one WAL flush (the cost of durability).
+        future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, future))
+        if self._committers < MAX_COMMITTERS:
+            self._committers += 1
+            task = asyncio.create_task(self._commit_submits())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
 
-        async def op(conn: Conn) -> SubmitOutcome:
-            cur = await conn.execute(
-                "INSERT INTO mdp_jobs (id, kind, service, request, state, created) "
-                "SELECT %s, %s, %s, %s, 'queued', %s "
-                "WHERE NOT EXISTS (SELECT 1 FROM mdp_jobs_tombstones WHERE id = %s) "
-                "ON CONFLICT (id) DO NOTHING RETURNING seq",
-                (job.id, job.kind, job.service, request, job.created, job.id),
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                stored = Job(
-                    id=job.id,
-                    seq=int(row[0]),
-                    kind=job.kind,
-                    service=job.service,
-                    request=list(job.request),
-                    state="queued",
-                    created=job.created,
-                )
-                return SubmitOutcome("created", stored)
-            cur = await conn.execute(f"SELECT {_COLUMNS} FROM mdp_jobs WHERE id = %s", (job.id,))
-            found = await cur.fetchone()
-            if found is None:
-                return SubmitOutcome("expired", None)
-            existing = _job(found)
-            same = (existing.kind, existing.service, existing.request) == (
-                job.kind,
-                job.service,
-                list(job.request),
-            )
-            return SubmitOutcome("existing" if same else "conflict", existing)
+    async def _commit_submits(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                jobs = [job for job, _ in batch]
 
-        return await self._transaction(op)
+                async def op(conn: Conn, jobs: list[NewJob] = jobs) -> list[SubmitOutcome]:
+                    return await _submit_many(conn, jobs)
+
+                try:
+                    outcomes = await self._transaction(op, atomic=True)
+                except Exception as exc:  # every submit of the batch failed: none was stored
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._committers -= 1
 
     async def claim(self, service: str, limit: int, now: float, owner: str = "") -> list[Job]:
         async def op(conn: Conn) -> list[Job]:
@@ -779,6 +785,58 @@ class PostgresStore(JobStore):
             return {state: int(count) for state, count in await cur.fetchall()}
 
         return await self._read(read)
+
+
+async def _submit_many(conn: Conn, jobs: Sequence[NewJob]) -> list[SubmitOutcome]:
+    """Insert new jobs (in order: seq follows the list), idempotently on their ids."""
+    cur = await conn.execute(
+        "INSERT INTO mdp_jobs (id, kind, service, request, state, created) "
+        "SELECT u.id, u.kind, u.service, u.request, 'queued', u.created "
+        "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[], %s::float8[]) "
+        "WITH ORDINALITY AS u(id, kind, service, request, created, ord) "
+        "WHERE NOT EXISTS (SELECT 1 FROM mdp_jobs_tombstones t WHERE t.id = u.id) "
+        "ORDER BY u.ord ON CONFLICT (id) DO NOTHING RETURNING id, seq",
+        (
+            [job.id for job in jobs],
+            [job.kind for job in jobs],
+            [job.service for job in jobs],
+            [_pack(list(job.request)) for job in jobs],
+            [job.created for job in jobs],
+        ),
+    )
+    created = {job_id: int(seq) for job_id, seq in await cur.fetchall()}
+    others = sorted({job.id for job in jobs} - set(created))
+    found: dict[str, Job] = {}
+    if others:
+        cur = await conn.execute(f"SELECT {_COLUMNS} FROM mdp_jobs WHERE id = ANY(%s)", (others,))
+        found = {row[1]: _job(row) for row in await cur.fetchall()}
+    outcomes = []
+    for job in jobs:
+        seq = created.pop(job.id, None)  # a second submit of one id in one batch: existing
+        if seq is not None:
+            stored = Job(
+                id=job.id,
+                seq=seq,
+                kind=job.kind,
+                service=job.service,
+                request=list(job.request),
+                state="queued",
+                created=job.created,
+            )
+            found[job.id] = stored
+            outcomes.append(SubmitOutcome("created", stored))
+            continue
+        existing = found.get(job.id)
+        if existing is None:
+            outcomes.append(SubmitOutcome("expired", None))
+            continue
+        same = (existing.kind, existing.service, existing.request) == (
+            job.kind,
+            job.service,
+            list(job.request),
+        )
+        outcomes.append(SubmitOutcome("existing" if same else "conflict", existing))
+    return outcomes
 
 
 async def _remove(conn: Conn, records: Sequence[Sequence[Any]], now: float) -> None:

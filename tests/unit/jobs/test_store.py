@@ -356,3 +356,17 @@ async def test_taking_back_own_jobs_in_batches_takes_each_once(store: JobStore) 
     while batch := await store.take_over("me", T0, T0 + 20, 2, own=True):
         taken += [j.id for j in batch]
     assert sorted(taken) == [f"j{i}" for i in range(5)]
+
+
+async def test_concurrent_submits_of_one_id_make_one_job(store: JobStore) -> None:
+    outcomes = await asyncio.gather(
+        *(store.submit(new("same")) for _ in range(5)),
+        store.submit(new("same", body=b"other")),
+        *(store.submit(new(f"j{i}")) for i in range(20)),
+    )
+    kinds = [o.outcome for o in outcomes[:6]]
+    assert kinds.count("created") == 1
+    assert set(kinds) <= {"created", "existing", "conflict"}
+    assert (await store.counts()) == {"queued": 21}
+    seqs = [o.job.seq for o in outcomes[6:] if o.job]
+    assert seqs == sorted(seqs)  # submission order is queue order
