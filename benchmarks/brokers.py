@@ -278,6 +278,9 @@ def broker_command(
             command += ["--request-ttl", str(request_ttl)]
         if curve is not None:
             command += curve.broker_arguments()
+        else:
+            # tcp without CURVE must be asked for; on loopback, on a benchmark machine.
+            command.append("--insecure")
         return [*command, *extra_args]
     command = [*python, "-m", "majortomo.broker", "-b", endpoint]
     if config_path is not None:

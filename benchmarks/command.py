@@ -233,6 +233,8 @@ def worker_command(endpoint: str, concurrency: int = CONCURRENCY) -> list[str]:
         endpoint,
         "--log-level",
         "warning",
+        # Benchmark machines often run everything as root; `true` as root is what is meant.
+        *(["--allow-root"] if os.geteuid() == 0 else []),
     ]
 
 

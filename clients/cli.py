@@ -29,9 +29,14 @@ from clients.runner import (
 )
 from mdp import __version__
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE
-from mdp.cli_options import curve_options, curve_socket_options, endpoint_callback
+from mdp.cli_options import (
+    curve_options,
+    curve_socket_options,
+    default_endpoint_or_fail,
+    endpoint_callback,
+    key_set_peer_options,
+)
 from mdp.client import (
-    DEFAULT_ENDPOINT,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     Client,
@@ -123,8 +128,8 @@ def connection_options(f: F) -> F:
             metavar="ENDPOINT",
             envvar="MDP_CLIENT_BROKER",
             show_envvar=True,
-            help="Broker endpoint; repeat for failover, tried in turn. "
-            f"[default: {DEFAULT_ENDPOINT}]",
+            help="Broker endpoint; repeat for failover, tried in turn. [default: this user's "
+            "broker on this machine, ipc://$XDG_RUNTIME_DIR/mdp/broker.sock]",
         ),
         click.option(
             "--timeout",
@@ -168,14 +173,31 @@ class Connection:
                 return value
             return getattr(parent, name) if parent is not None else default
 
-        self.brokers: list[str] = list(pick("brokers", (DEFAULT_ENDPOINT,)))
+        self._brokers: list[str] = list(pick("brokers", ()))
         self.silence_limit: float = pick("silence_limit", DEFAULT_TIMEOUT)
         """The attempt silence limit (--timeout)."""
         self.retries: int = pick("retries", DEFAULT_RETRIES)
         self.mdp_version: str = pick("mdp_version", "0.2")
         self.curve_secret_key: str | None = pick("curve_secret_key", None)
         self.curve_server_key: str | None = pick("curve_server_key", None)
-        self.socket_options = curve_socket_options(self.curve_secret_key, self.curve_server_key)
+        self._socket_options = curve_socket_options(self.curve_secret_key, self.curve_server_key)
+        self._key_set_checked = bool(self._socket_options)
+
+    @property
+    def brokers(self) -> list[str]:
+        """The -a endpoints, or the default endpoint (resolved only when a broker is needed:
+        --embedded needs none)."""
+        if not self._brokers:
+            self._brokers = [default_endpoint_or_fail()]
+        return self._brokers
+
+    @property
+    def socket_options(self) -> list[tuple[int, int | bytes]]:
+        """CURVE from the key options, else from the key set of `mdp-keys init`, else none."""
+        if not self._key_set_checked:
+            self._socket_options, _ = key_set_peer_options("client")
+            self._key_set_checked = True
+        return self._socket_options
 
     def client(self, brokers: Sequence[str] | None = None, *, local: bool = False) -> Client:
         """A Client for the given brokers; `local` (the embedded broker) skips CURVE."""
@@ -466,6 +488,13 @@ def services(parent: Connection, /, as_json: bool, **params: Any) -> None:
             _fail(f"bad mmi.services answer: {exc}", ExitCode.FAILED)
         finally:
             client.close()
+        if found.unauthenticated:
+            click.echo(
+                f"{PROG}: warning: the broker accepts unauthenticated peers on "
+                f"{', '.join(found.unauthenticated)} (--insecure): anyone who can reach it "
+                "can run commands and register workers",
+                err=True,
+            )
         if as_json:
             import json
 

@@ -11,10 +11,11 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from mdp import logs
-from mdp.endpoints import EndpointError, check_endpoint
+from mdp.endpoints import EndpointError, PrivateDirError, check_endpoint, default_endpoint
 from mdp.metrics import MetricsBindError, parse_bind, serve_metrics
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from mdp.security import KeyFileError, SocketOptions, curve_client_options
+from mdp.security.keyset import find_key_set
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -213,3 +214,29 @@ def start_metrics(value: str, registry: CollectorRegistry) -> None:
             f"cannot serve metrics on {value}: {exc.strerror or exc}"
         ) from None
     logging.getLogger("mdp").info("metrics at http://%s:%d/metrics", host, port)
+
+
+def key_set_peer_options(role: str) -> tuple[SocketOptions, str | None]:
+    """CURVE options for a "client" or "worker" given no key option: from the local key set
+    (`mdp-keys init`, spec/security.md §6.3) if there is one, else none.
+
+    Returns the options and where they came from (for a log line), or ([], None). A key set
+    that exists but cannot be used is a ClickException, never a silent fallback to no CURVE.
+    """
+    try:
+        key_set = find_key_set()
+        if key_set is None:
+            return [], None
+        secret, server = key_set.peer_files(role)
+        return curve_client_options(secret, server), f"the key set in {key_set.root}"
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def default_endpoint_or_fail() -> str:
+    """`default_endpoint()` for a program given no endpoint option; its directory's problem
+    (not private, not ours) is a usage error naming the option that avoids it."""
+    try:
+        return default_endpoint()
+    except PrivateDirError as exc:
+        raise click.UsageError(f"cannot use the default endpoint: {exc}") from None

@@ -1,6 +1,6 @@
 """An asyncio MDP client: requests to any service, streamed replies, retries and failover.
 
-    async with Client(["tcp://127.0.0.1:5555"]) as client:
+    async with Client() as client:        # the default endpoint; or Client(["tcp://host:5555"])
         body = await client.request("echo", b"hello")          # the FINAL body
         async for part in client.stream("report", request):     # PARTIALs, then the FINAL
             ...
@@ -37,13 +37,12 @@ from mdp.client_core import (
     RetryPolicy,
     always_retry,
 )
-from mdp.endpoints import check_endpoint, tcp_host
+from mdp.endpoints import check_endpoint, default_endpoint, tcp_host
 from mdp.errors import ProtocolError
-from mdp.mmi import MMINotImplemented, ServiceInfo
+from mdp.mmi import MMINotImplemented, ServiceInfo, ServiceList
 from mdp.protocol import Version
 
 __all__ = [
-    "DEFAULT_ENDPOINT",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT",
     "AttemptFailed",
@@ -53,11 +52,11 @@ __all__ = [
     "RequestTimeout",
     "RetryPolicy",
     "ServiceInfo",
+    "ServiceList",
 ]
 
 log = logging.getLogger("mdp.client")
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_TIMEOUT = 5.0
 """Seconds an attempt may stay silent (no PARTIAL, no FINAL) before it is abandoned."""
 DEFAULT_RETRIES = 2
@@ -76,7 +75,9 @@ def _as_bytes(service: str | bytes) -> bytes:
 class Client:
     """An MDP client for any service; bodies are opaque frames.
 
-    `endpoints`: one broker endpoint or several; a retry goes to the next one in turn, and new
+    `endpoints`: one broker endpoint or several (default: `mdp.endpoints.default_endpoint()`,
+    the user's private ipc:// socket; PrivateDirError if its directory is not private to the
+    user); a retry goes to the next one in turn, and new
     requests start at the endpoint that answered last. `version`: MDP "0.2" (default, PARTIALs
     streamed) or "0.1" (a single REPLY, seen as the FINAL). `timeout`: seconds an attempt may
     stay silent before it is abandoned and the request re-sent on a fresh socket, up to
@@ -90,7 +91,7 @@ class Client:
 
     def __init__(
         self,
-        endpoints: str | Sequence[str] = DEFAULT_ENDPOINT,
+        endpoints: str | Sequence[str] | None = None,
         *,
         version: Version | str = Version.V02,
         timeout: float = DEFAULT_TIMEOUT,
@@ -100,6 +101,8 @@ class Client:
         max_idle_sockets: int = DEFAULT_MAX_IDLE_SOCKETS,
         socket_options: Sequence[tuple[int, int | bytes]] = (),
     ) -> None:
+        if endpoints is None:
+            endpoints = default_endpoint()
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("at least one broker endpoint is needed")
@@ -321,12 +324,14 @@ class Client:
             raise MMINotImplemented("the broker does not implement mmi.service")
         raise ProtocolError(f"unexpected mmi.service answer {code[:20]!r}")
 
-    async def services(self) -> list[ServiceInfo]:
+    async def services(self) -> ServiceList:
         """Every service the broker knows, with worker count and queue depth (`mmi.services`).
 
         `mmi.services` is our extension (spec/mdp.md): the FINAL body is one msgpack frame
-        holding a list of maps {"name": str, "workers": int, "queued": int}. Raises
-        `MMINotImplemented` if the broker answers 501, `ProtocolError` for a malformed answer.
+        holding a list of maps {"name": str, "workers": int, "queued": int}, and from a broker
+        started with --insecure a second one, {"unauthenticated": [endpoint, ...]} (kept in
+        `ServiceList.unauthenticated`). Raises `MMINotImplemented` if the broker answers 501,
+        `ProtocolError` for a malformed answer.
         """
         return mmi.decode_services(await self.mmi(mmi.SERVICES))
 

@@ -5,9 +5,11 @@ low 16 bits, so `tcp://127.0.0.1:99999` binds or connects to port 34463 without 
 mistakes it refuses only with EINVAL or EPROTONOSUPPORT, which pyzmq raises from deep inside a
 connect. `check_endpoint` says what is wrong, in words, before any socket sees the endpoint.
 
-`exposed_endpoints` says which endpoints to bind other machines might reach: the broker refuses
-those without CURVE (spec/security.md), and the worker warns when it connects to one without.
-Both read a tcp address with the same `_host_port`.
+`unauthenticated_endpoints` says which endpoints let in peers nothing authenticates unless
+CURVE is on: every one but ipc:// and inproc://, loopback tcp included (every local user reaches
+it). The broker refuses those without CURVE or --insecure (spec/security.md §6), and the worker
+warns when it connects to one without. `is_local_endpoint` tells loopback from the network, for
+the words of those messages. `default_endpoint` is where every program meets when given none.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from collections.abc import Iterable
 from typing import Final
 
 from mdp.errors import MDPError
+from mdp.local_dirs import PrivateDirError, default_endpoint
 
-__all__ = ["EndpointError", "check_endpoint", "exposed_endpoints", "is_local_endpoint"]
+__all__ = [
+    "EndpointError",
+    "PrivateDirError",
+    "check_endpoint",
+    "default_endpoint",
+    "is_local_endpoint",
+    "unauthenticated_endpoints",
+]
+# default_endpoint(): the private ipc:// endpoint every program uses when given none
+# (mdp.local_dirs, spec/security.md §6.1). New programs take their default from it too.
 
 TRANSPORTS: Final = ("tcp", "ipc", "inproc")
 """The transports MDP peers use; a few more (below) are passed on to libzmq to judge."""
@@ -87,7 +99,7 @@ def _host_port(address: str) -> tuple[str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------
-# Exposure: where the broker may listen without CURVE
+# Exposure: who can reach an endpoint, and whom the broker lets in without CURVE
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -120,18 +132,8 @@ def is_local_endpoint(endpoint: str) -> bool:
     return ip.is_loopback
 
 
-def exposed_endpoints(endpoints: Iterable[str]) -> list[str]:
-    """The endpoints among `endpoints` that other machines might reach.
-
-    A tcp:// endpoint whose port is neither a number nor `*` is left out: ZeroMQ refuses to
-    bind it, and that error says more than a refusal about authentication would.
-    """
-    return [e for e in endpoints if not is_local_endpoint(e) and not _unbindable_tcp(e)]
-
-
-def _unbindable_tcp(endpoint: str) -> bool:
-    transport, _, address = endpoint.partition("://")
-    if transport.lower() != "tcp":
-        return False
-    _, port = _host_port(address)
-    return port is not None and not (port.isdigit() or port == "*")
+def unauthenticated_endpoints(endpoints: Iterable[str]) -> list[str]:
+    """The endpoints whose peers, without CURVE, nothing authenticates: all but ipc:// (the
+    file system decides who connects) and inproc:// (this process). Loopback tcp is among
+    them: every user of the machine can reach it (spec/security.md §6.2)."""
+    return [e for e in endpoints if e.partition("://")[0].lower() not in _LOCAL_TRANSPORTS]

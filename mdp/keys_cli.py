@@ -21,6 +21,8 @@ from mdp.security import (
     valid_key_name,
     write_public_key,
 )
+from mdp.security.keyset import ROLES as KEY_SET_ROLES
+from mdp.security.keyset import KeySetError, init_key_set
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_KEYS"}
 ROLES = ("client", "worker")
@@ -32,13 +34,48 @@ def main() -> None:
     """Make CURVE key pairs and manage the broker's allow-lists.
 
     \b
-    A typical set-up (README, "Running across machines"):
+    The short way, for a broker, workers and clients of one user:
+      mdp-keys init
+      mdp-broker --bind tcp://127.0.0.1:5555    # finds the key set: CURVE on
+    \b
+    By hand, for several machines and people (README, "Running across machines"):
       mdp-keys generate broker --dir keys
       mdp-keys generate alice --dir keys
       mdp-keys generate worker1 --dir keys
       mdp-keys allow client keys/alice.key --dir allowed/clients
       mdp-keys allow worker keys/worker1.key --dir allowed/workers
     """
+
+
+@main.command()
+def init() -> None:
+    """Make the local key set: a key pair each for the broker, a client and a worker, and the
+    broker's allow-lists with the client and worker keys, in $XDG_CONFIG_HOME/mdp (or
+    ~/.config/mdp; mode 0700, secret keys 0600).
+
+    mdp-broker, mdp-worker and mdp-client then use CURVE with these keys whenever they are
+    given no key option, on every endpoint, so a broker may listen on tcp:// without
+    --insecure. A worker or client on another machine needs keys/worker.key_secret (or
+    keys/client.key_secret) and keys/broker.key copied into the same place there. An existing
+    key set is never overwritten.
+    """
+    try:
+        key_set = init_key_set()
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (KeySetError, OSError) as exc:
+        raise click.ClickException(f"cannot make the key set: {exc}") from None
+    click.echo(f"made the key set in {key_set.root}:")
+    for role in KEY_SET_ROLES:
+        click.echo(f"  {key_set.secret(role).relative_to(key_set.root)} (secret, mode 0600)")
+    for allowed in (key_set.allowed_clients, key_set.allowed_workers):
+        click.echo(f"  {allowed.relative_to(key_set.root)}/ (allow-list)")
+    click.echo(
+        "mdp-broker, mdp-worker and mdp-client use it when given no key option, e.g.\n"
+        "  mdp-broker --bind tcp://127.0.0.1:5555\n"
+        "  mdp-worker --service shell --broker tcp://127.0.0.1:5555\n"
+        "  mdp-client -a tcp://127.0.0.1:5555 -f examples/batch.json"
+    )
 
 
 @main.command()

@@ -4,7 +4,8 @@ the body schemas. The broker answers these services itself; `mdp.client.Client` 
 | service        | request body        | FINAL body                                          |
 |----------------|---------------------|-----------------------------------------------------|
 | `mmi.service`  | a service name      | `200` a worker is registered for it, else `404`     |
-| `mmi.services` | anything (ignored)  | msgpack list of `{"name", "workers", "queued"}`      |
+| `mmi.services` | anything (ignored)  | msgpack list of `{"name", "workers", "queued"}`;     |
+|                |                     | an --insecure broker adds `{"unauthenticated": [..]}`|
 | any other      | anything            | `501`                                               |
 
 `mmi.services` is our extension (spec/mdp.md §5): one msgpack frame, a list with one map per
@@ -15,7 +16,7 @@ Workers may not register in the `mmi.` namespace (RFC 8).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -33,6 +34,7 @@ __all__ = [
     "WORKERS",
     "MMINotImplemented",
     "ServiceInfo",
+    "ServiceList",
     "decode_services",
     "encode_services",
     "is_mmi",
@@ -77,26 +79,41 @@ class ServiceInfo:
         return {"name": self.name, "workers": self.workers, "queued": self.queued}
 
 
-def encode_services(services: Iterable[ServiceInfo]) -> bytes:
-    """The FINAL body of `mmi.services`."""
-    body: bytes = msgpack.packb([s.to_map() for s in services], use_bin_type=True)
+class ServiceList(list[ServiceInfo]):
+    """The `mmi.services` answer: the services, and `unauthenticated`, the endpoints on which
+    the broker accepts peers nothing authenticates (started with --insecure; else empty)."""
+
+    unauthenticated: tuple[str, ...] = ()
+
+
+def encode_services(
+    services: Iterable[ServiceInfo], unauthenticated: Sequence[str] = ()
+) -> list[bytes]:
+    """The FINAL body of `mmi.services`: the list, and for a broker that lets unauthenticated
+    peers in, a second frame saying on which endpoints (spec/security.md §6.2)."""
+    body: list[bytes] = [msgpack.packb([s.to_map() for s in services], use_bin_type=True)]
+    if unauthenticated:
+        body.append(msgpack.packb({"unauthenticated": list(unauthenticated)}))
     return body
 
 
-def decode_services(reply: list[bytes]) -> list[ServiceInfo]:
-    """The services in an `mmi.services` FINAL. Raises `MMINotImplemented` for `501` and
-    `ProtocolError` for any answer that does not follow the schema."""
+def decode_services(reply: list[bytes]) -> ServiceList:
+    """The services in an `mmi.services` FINAL (and its `unauthenticated` endpoints). Raises
+    `MMINotImplemented` for `501` and `ProtocolError` for any answer that does not follow the
+    schema."""
     if reply == [NOT_IMPLEMENTED]:
         raise MMINotImplemented("the broker does not implement mmi.services")
-    if len(reply) != 1:
-        raise ProtocolError("mmi.services answer must be one frame")
+    if len(reply) not in (1, 2):
+        raise ProtocolError("mmi.services answer must be one frame, or two")
     try:
         entries = msgpack.unpackb(reply[0], raw=False)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"mmi.services answer is not msgpack: {exc}") from None
     if not isinstance(entries, list):
         raise ProtocolError("mmi.services answer must be a list")
-    result = []
+    result = ServiceList()
+    if len(reply) == 2:
+        result.unauthenticated = _decode_unauthenticated(reply[1])
     for entry in entries:
         if not isinstance(entry, dict):
             raise ProtocolError("mmi.services entries must be maps")
@@ -105,3 +122,14 @@ def decode_services(reply: list[bytes]) -> list[ServiceInfo]:
             raise ProtocolError(f"malformed mmi.services entry {entry!r:.100}")
         result.append(ServiceInfo(name, workers, queued))
     return result
+
+
+def _decode_unauthenticated(frame: bytes) -> tuple[str, ...]:
+    try:
+        facts = msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"mmi.services second frame is not msgpack: {exc}") from None
+    endpoints = facts.get("unauthenticated") if isinstance(facts, dict) else None
+    if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
+        raise ProtocolError(f"malformed mmi.services second frame {facts!r:.100}")
+    return tuple(endpoints)

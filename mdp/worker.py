@@ -8,7 +8,7 @@ Writing a service takes a few lines::
         await request.partial([b"working on it"])  # optional; dropped under MDP/0.1
         return [frame.upper() for frame in request.body]
 
-    asyncio.run(serve([Service("shout", shout)], WorkerOptions(broker="tcp://127.0.0.1:5555")))
+    asyncio.run(serve([Service("shout", shout)], WorkerOptions()))
 
 The handler API
 ---------------
@@ -44,7 +44,7 @@ import zmq
 import zmq.asyncio
 
 from mdp import mmi
-from mdp.endpoints import check_endpoint
+from mdp.endpoints import check_endpoint, default_endpoint
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Version, validate_service_name
 from mdp.worker_core import (
     Action,
@@ -106,9 +106,12 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
-    """How a worker connects. Interval and liveness must match the broker's settings."""
+    """How a worker connects. Interval and liveness must match the broker's settings.
 
-    broker: str = "tcp://127.0.0.1:5555"
+    `broker` defaults to `mdp.endpoints.default_endpoint()`, the user's private ipc:// socket
+    (PrivateDirError if its directory is not private to the user)."""
+
+    broker: str = field(default_factory=default_endpoint)
     version: Version = Version.V02
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     liveness: int = HEARTBEAT_LIVENESS

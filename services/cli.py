@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 from typing import ClassVar
 
 import click
@@ -16,13 +17,15 @@ from mdp import __version__, logs
 from mdp.cli_options import (
     curve_options,
     curve_socket_options,
+    default_endpoint_or_fail,
     endpoint_callback,
     heartbeat_options,
+    key_set_peer_options,
     log_options,
     metrics_option,
     start_metrics,
 )
-from mdp.endpoints import is_local_endpoint
+from mdp.endpoints import PrivateDirError, unauthenticated_endpoints
 from mdp.protocol import Version
 from mdp.worker import WorkerOptions, serve
 from services.bodies import DEFAULT_MAX_RUN_LIMIT, DEFAULT_RUN_LIMIT
@@ -45,6 +48,9 @@ CONTEXT = {
 }
 
 log = logging.getLogger("mdp.worker")
+
+COMMAND_SERVICES = frozenset({"os", "shell"})
+"""The built-in services that run whatever command a client sends (see --allow-root)."""
 
 
 class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in click >= 8.2
@@ -81,12 +87,12 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
 @click.option(
     "-b",
     "--broker",
-    default="tcp://127.0.0.1:5555",
-    show_default=True,
+    default=None,
     show_envvar=True,
     metavar="ENDPOINT",
     callback=endpoint_callback(),
-    help="The broker's ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH).",
+    help="The broker's ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH). Default: the broker of "
+    "this user on this machine, ipc://$XDG_RUNTIME_DIR/mdp/broker.sock (see mdp-broker --help).",
 )
 @click.option(
     "-c",
@@ -211,6 +217,14 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
     help="Run commands as this user (its uid, gid and groups). The worker must be started as root.",
 )
 @click.option(
+    "--allow-root",
+    is_flag=True,
+    show_envvar=True,
+    help="Started as root without --user, run os/shell commands as root anyway. Without it "
+    "such a worker refuses to start: whoever can reach the broker as a client would get a "
+    "root shell.",
+)
+@click.option(
     "--max-memory",
     type=ByteSize(),
     default=None,
@@ -232,7 +246,7 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-worker")
 def main(
     services: tuple[str, ...],
-    broker: str,
+    broker: str | None,
     concurrency: int,
     max_run_limit: float,
     default_run_limit: float,
@@ -249,6 +263,7 @@ def main(
     allow: tuple[str, ...],
     deny_env: bool,
     user: str | None,
+    allow_root: bool,
     max_memory: int | None,
     max_procs: int | None,
     name: str | None,
@@ -276,6 +291,13 @@ def main(
     example MDP_WORKER_CONCURRENCY=4). SIGINT or SIGTERM stops taking requests, lets running
     ones finish (see --grace), sends DISCONNECT and exits 0.
 
+    With no --broker, the worker connects to this user's broker on this machine (a private
+    ipc:// socket no other user can reach). With no key option but a key set made by
+    `mdp-keys init`, it uses CURVE with that key set's worker key (spec/security.md).
+
+    Started as root, a worker hosting os or shell refuses to start unless --user NAME says
+    whom to run commands as, or --allow-root says root is meant.
+
     \b
     Examples:
       mdp-worker --service shell --service os
@@ -288,6 +310,11 @@ def main(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--name'") from None
     socket_options = curve_socket_options(curve_secret_key, curve_server_key)
+    keys_from = "--curve-secret-key" if socket_options else None
+    if not socket_options:
+        socket_options, keys_from = key_set_peer_options("worker")
+    if broker is None:
+        broker = default_endpoint_or_fail()
     child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
     try:
         child.check_user()
@@ -308,12 +335,21 @@ def main(
         hosted = load_services(specs, settings)
     except ServiceSpecError as exc:
         raise click.BadParameter(str(exc), param_hint="'--service'") from None
-    directory = state_dir if state_dir is not None else default_state_dir()
+    as_root = sorted(COMMAND_SERVICES.intersection(specs)) if os.geteuid() == 0 else []
+    if as_root and user is None and not allow_root:
+        # A warning is not a control: it would run every client's command as root.
+        raise click.UsageError(
+            f"running as root, {' and '.join(as_root)} would run every command as root. Give "
+            "--user NAME to run commands as that user (a dedicated account), or --allow-root "
+            "if root is really meant (then anyone who can send to this service is root)."
+        )
+    directory: str | Path | None = state_dir
     try:
+        directory = state_dir if state_dir is not None else default_state_dir()
         # A previous incarnation whose watchdog died too may have left commands running.
         reap_leftovers(directory)
         watchdog = Watchdog(directory)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, PrivateDirError) as exc:
         raise click.BadParameter(
             f"cannot start the watchdog in {directory}: {exc}", param_hint="'--state-dir'"
         ) from None
@@ -328,10 +364,14 @@ def main(
             service.handler.metrics = metrics
     control = control_services(hosted)
     # Warnings only once every option is known to be good: a usage error says nothing else.
-    if not socket_options and not is_local_endpoint(broker):
-        log.warning("connecting to %s without CURVE: nothing is encrypted", broker)
-    if user is None and os.geteuid() == 0:
-        log.warning("running as root without --user: commands run as root")
+    if not socket_options and unauthenticated_endpoints([broker]):
+        log.warning(
+            "connecting to %s without CURVE: nothing is encrypted or authenticated "
+            "(`mdp-keys init` makes keys the programs find)",
+            broker,
+        )
+    if as_root and user is None:
+        log.warning("--allow-root: %s commands run as root", " and ".join(as_root))
     options = WorkerOptions(
         broker=broker,
         version=Version(mdp_version),
@@ -341,7 +381,7 @@ def main(
         socket_options=socket_options,
     )
     log.info(
-        "serving %s on %s as %r (MDP/%s, %d connection%s each, pid %d, watchdog pid %d)",
+        "serving %s on %s as %r (MDP/%s, %d connection%s each, pid %d, watchdog pid %d, %s)",
         ", ".join(s.name for s in hosted),
         broker,
         worker_name,
@@ -350,6 +390,7 @@ def main(
         "" if concurrency == 1 else "s",
         os.getpid(),
         watchdog.pid,
+        f"CURVE with {keys_from}" if keys_from else "no CURVE",
     )
     try:
         asyncio.run(serve(hosted, options, concurrency, control=control))

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from mdp.local_dirs import ensure_private_dir, runtime_dir
+
 __all__ = ["KILL_GRACE", "Watchdog", "default_state_dir", "reap_leftovers"]
 
 log = logging.getLogger("services.watchdog")
@@ -47,11 +49,10 @@ SUFFIX = ".groups"
 
 
 def default_state_dir() -> Path:
-    """$XDG_RUNTIME_DIR/mdp, or /tmp/mdp-UID when there is no runtime directory."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "mdp"
-    return Path("/tmp") / f"mdp-{os.getuid()}"  # per user, mode 0700
+    """The user's private runtime directory ($XDG_RUNTIME_DIR/mdp, else /tmp/mdp-UID), made if
+    missing and checked: a directory someone else made could hold state files naming process
+    groups this worker would then kill (mdp.local_dirs; PrivateDirError otherwise)."""
+    return ensure_private_dir(runtime_dir())
 
 
 class Watchdog:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +12,29 @@ import pytest
 from tests import pgserver
 from tests.pgserver import PgServer
 from tests.support import Process, free_tcp_endpoint, start_broker
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_dirs() -> Iterator[None]:
+    """Keep the suite away from the real user's runtime and config directories.
+
+    With no endpoint option our programs use a socket in $XDG_RUNTIME_DIR/mdp and the key set
+    in $XDG_CONFIG_HOME/mdp; a test must neither meet a broker the user runs there nor pick
+    up their keys. Both point at fresh private directories (short: unix socket paths are
+    limited to 107 bytes). When the suite runs as root (CI containers), the workers it starts
+    run the test commands as root too: that is opted into here, once, with the variable the
+    operator would set (MDP_WORKER_ALLOW_ROOT); the tests of the refusal itself remove it.
+    """
+    runtime = tempfile.mkdtemp(prefix="mdp-rt-")
+    config = tempfile.mkdtemp(prefix="mdp-cfg-")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_RUNTIME_DIR", runtime)
+        patch.setenv("XDG_CONFIG_HOME", config)
+        if os.geteuid() == 0:
+            patch.setenv("MDP_WORKER_ALLOW_ROOT", "1")
+        yield
+    shutil.rmtree(runtime, ignore_errors=True)
+    shutil.rmtree(config, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -9,11 +10,13 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from mdp import __version__, logs
+from mdp.broker.boundary import GroupError, check_group_reach, group_id, ipc_path
 from mdp.broker.core import BrokerConfig
 from mdp.broker.metrics import BrokerCollector
 from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
 from mdp.cli_options import (
     curve_options,
+    default_endpoint_or_fail,
     endpoint_callback,
     heartbeat_options,
     log_options,
@@ -21,6 +24,9 @@ from mdp.cli_options import (
     start_metrics,
 )
 from mdp.security import BrokerAuth, SecurityError
+from mdp.security.keyset import find_key_set
+
+log = logging.getLogger("mdp.broker")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BROKER"}
 
@@ -31,13 +37,22 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     "binds",
     envvar="MDP_BROKER_BIND",
     multiple=True,
-    default=["tcp://127.0.0.1:5555"],
     callback=endpoint_callback(bind=True),
-    show_default=True,
     show_envvar=True,
     metavar="ENDPOINT",
     help="ZeroMQ endpoint to listen on (tcp://HOST:PORT, ipc://PATH). Repeat to listen on "
-    "several. The default is loopback only.",
+    "several. Default: ipc://$XDG_RUNTIME_DIR/mdp/broker.sock (or /tmp/mdp-UID/broker.sock), "
+    "a socket only you can reach, where workers and clients look when given no endpoint. "
+    "tcp:// needs keys (or --insecure).",
+)
+@click.option(
+    "--group",
+    default=None,
+    show_envvar=True,
+    metavar="NAME",
+    help="Let members of group NAME connect to the ipc:// endpoints (socket mode 0660, group "
+    "NAME), as Docker's docker group. Bind a socket in a directory they can enter, e.g. "
+    "--bind ipc:///run/mdp/broker.sock: the default one is private.",
 )
 @heartbeat_options(
     "Heartbeat interval agreed with workers, in milliseconds.",
@@ -82,13 +97,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MDP_BRO
     "--insecure",
     is_flag=True,
     show_envvar=True,
-    help="Allow listening on a non-loopback address without CURVE. Anyone who can reach the "
-    "port can then run commands on the workers; a warning is logged on every start.",
+    help="Allow listening on tcp:// without CURVE, loopback included. Every user of this "
+    "machine (and, beyond loopback, anyone who can reach the port) can then run commands on "
+    "the workers; said at every start and in every mmi.services answer.",
 )
 @metrics_option("requests, services and workers")
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-broker")
 def main(
     binds: tuple[str, ...],
+    group: str | None,
     heartbeat_ms: int,
     liveness: int,
     request_ttl: float,
@@ -112,17 +129,29 @@ def main(
     Every option can also be set from an environment variable, shown in brackets (for example
     MDP_BROKER_HEARTBEAT_MS=1000). SIGINT or SIGTERM sends DISCONNECT to every worker and exits.
 
-    Without CURVE the broker only listens on loopback, ipc:// or inproc:// endpoints; anything
-    else needs --curve-secret-key with --allow-clients and --allow-workers (or --insecure).
-    Keys are made with `mdp-keys`; see spec/security.md.
+    Who can connect: with no --bind, only you (a unix socket in a directory only you can
+    enter; see --group to share one). tcp://, loopback included, needs CURVE: --curve-secret-key
+    with --allow-clients and --allow-workers, or, with none of them, the key set `mdp-keys init`
+    made, which the broker then uses on every endpoint. Without keys it refuses tcp:// unless
+    --insecure. See spec/security.md.
+
+    \b
+    Exit codes:
+      0  stopped by SIGINT or SIGTERM
+      1  cannot start: endpoint in use, tcp without keys, unusable keys or directory
+      2  usage error
 
     \b
     Examples:
-      mdp-broker --bind tcp://127.0.0.1:5555
+      mdp-broker
+      mdp-keys init && mdp-broker --bind tcp://127.0.0.1:5555
       mdp-broker --bind tcp://0.0.0.0:5555 --curve-secret-key keys/broker.key_secret \\
           --allow-clients allowed/clients --allow-workers allowed/workers
+      mdp-broker --bind ipc:///run/mdp/broker.sock --group mdp
     """
     logs.configure(log_level, log_json)
+    endpoints = list(binds) or [default_endpoint_or_fail()]
+    ipc_group = _group(group, endpoints)
     auth = _curve(curve_secret_key, allow_clients, allow_workers, insecure)
     config = BrokerConfig(
         heartbeat_interval=heartbeat_ms / 1000,
@@ -131,15 +160,20 @@ def main(
         max_queue=max_queue,
         busy_timeout=busy_timeout,
     )
-    server = BrokerServer(binds, config, max_msg_size=max_msg_size, auth=auth, insecure=insecure)
+    server = BrokerServer(
+        endpoints,
+        config,
+        max_msg_size=max_msg_size,
+        auth=auth,
+        insecure=insecure,
+        ipc_group=ipc_group,
+    )
     try:
         server.bind()
-    except InsecureBindError as exc:
-        raise click.ClickException(str(exc)) from None
-    except SecurityError as exc:
+    except (InsecureBindError, SecurityError, GroupError) as exc:
         raise click.ClickException(str(exc)) from None
     except zmq.ZMQError as exc:
-        raise click.ClickException(f"cannot listen on {', '.join(binds)}: {exc}") from None
+        raise click.ClickException(f"cannot listen on {', '.join(endpoints)}: {exc}") from None
     if metrics_bind is not None:
         registry = CollectorRegistry()
         registry.register(BrokerCollector(server.core))
@@ -151,11 +185,12 @@ def main(
 def _curve(
     secret_key: str | None, clients: str | None, workers: str | None, insecure: bool
 ) -> BrokerAuth | None:
-    """The broker's CURVE set-up from the options, or None when CURVE is off."""
+    """The broker's CURVE set-up from the options, else from the key set of `mdp-keys init`,
+    or None when CURVE is off."""
     if secret_key is None:
         if clients is not None or workers is not None:
             raise click.UsageError("--allow-clients/--allow-workers need --curve-secret-key")
-        return None
+        return _curve_from_key_set(insecure)
     if clients is None or workers is None:
         raise click.UsageError(
             "--curve-secret-key needs both --allow-clients DIR and --allow-workers DIR "
@@ -167,3 +202,32 @@ def _curve(
         return BrokerAuth.from_files(secret_key, clients, workers)
     except SecurityError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _curve_from_key_set(insecure: bool) -> BrokerAuth | None:
+    try:
+        key_set = find_key_set()
+        if key_set is None:
+            return None
+        auth = BrokerAuth.from_files(*key_set.broker_files())
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("CURVE with the key set in %s (mdp-keys init)", key_set.root)
+    if insecure:
+        click.echo("mdp-broker: --insecure is ignored: CURVE is on (key set)", err=True)
+    return auth
+
+
+def _group(name: str | None, endpoints: list[str]) -> int | None:
+    """The gid for --group, after checking its members could reach an ipc:// endpoint."""
+    if name is None:
+        return None
+    if not any(ipc_path(e) for e in endpoints):
+        raise click.UsageError("--group shares ipc:// sockets; no --bind ipc://PATH is given")
+    try:
+        gid = group_id(name)
+        for endpoint in endpoints:
+            check_group_reach(endpoint, gid)
+    except GroupError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--group'") from None
+    return gid

@@ -166,6 +166,9 @@ class BrokerCore:
         self.services: dict[bytes, Service] = {}
         self.service_counts: dict[bytes, ServiceCounts] = {}
         self.outbox: list[list[bytes]] = []
+        self.unauthenticated: tuple[str, ...] = ()
+        """Endpoints on which the server accepts unauthenticated network peers (--insecure);
+        every mmi.services answer says so (spec/security.md §6.2)."""
         self._expiry = self.config.heartbeat_interval * self.config.liveness
         self._busy_expiry = self.config.busy_timeout
         # Ticks run four times per interval, so a heartbeat leaves at most 1.25 intervals apart.
@@ -269,10 +272,16 @@ class BrokerCore:
             service = self.services.get(message.body[0])
             body = mmi.FOUND if service is not None and service.worker_count else mmi.NOT_FOUND
         elif name == mmi.SERVICES:
-            body = mmi.encode_services(
-                mmi.ServiceInfo(_text(s.name), s.worker_count, len(s.requests))
-                for s in self.services.values()
+            # spec/security.md §6.2: a broker open to anyone says so in every answer.
+            services = mmi.encode_services(
+                (
+                    mmi.ServiceInfo(_text(s.name), s.worker_count, len(s.requests))
+                    for s in self.services.values()
+                ),
+                self.unauthenticated,
             )
+            self.outbox.append([client, *message.framing.final(name, services)])
+            return
         else:
             body = mmi.NOT_IMPLEMENTED
         self.outbox.append([client, *message.framing.final(name, [body])])

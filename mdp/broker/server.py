@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -27,8 +27,9 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
+from mdp.broker import boundary
 from mdp.broker.core import BrokerConfig, BrokerCore
-from mdp.endpoints import check_endpoint, exposed_endpoints
+from mdp.endpoints import check_endpoint, unauthenticated_endpoints
 from mdp.errors import MDPError
 from mdp.fastzmq import POLLIN, OversizedMessage, readable, recv_frames_limited, send_frames
 from mdp.security import BrokerAuth
@@ -54,25 +55,7 @@ _RCVMORE = int(zmq.RCVMORE)
 
 
 class InsecureBindError(MDPError):
-    """The broker was asked to listen where other machines can reach it, without CURVE."""
-
-
-def insecure_bind_help(endpoints: Sequence[str]) -> str:
-    """Why the broker refuses to listen on `endpoints` without CURVE, and how to set it up."""
-    bind = " ".join(f"--bind {e}" for e in endpoints)
-    return (
-        f"refusing to listen on {', '.join(endpoints)} without authentication: anyone who can "
-        "reach it could run commands on your workers.\n"
-        "Set up CURVE keys (README, 'Running across machines'):\n"
-        "  mdp-keys generate broker --dir keys\n"
-        "  mdp-keys generate alice --dir keys      # one per client\n"
-        "  mdp-keys generate worker1 --dir keys    # one per worker\n"
-        "  mdp-keys allow client keys/alice.key --dir allowed/clients\n"
-        "  mdp-keys allow worker keys/worker1.key --dir allowed/workers\n"
-        f"  mdp-broker {bind} --curve-secret-key keys/broker.key_secret "
-        "--allow-clients allowed/clients --allow-workers allowed/workers\n"
-        "Or pass --insecure to listen without authentication anyway (not recommended)."
-    )
+    """The broker was asked to listen on tcp (or another network transport) without CURVE."""
 
 
 class BrokerServer:
@@ -83,8 +66,10 @@ class BrokerServer:
     DISCONNECT, and the socket closes with a short bounded linger so those can leave.
 
     `auth` turns on CURVE with ZAP and the per-message role check (mdp.security,
-    spec/security.md). Without it, binding an endpoint other machines can reach raises
-    `InsecureBindError` before anything is bound, unless `insecure` is true.
+    spec/security.md). Without it, binding anything but ipc:// or inproc:// (tcp on loopback
+    included: every local user reaches it) raises `InsecureBindError` before anything is
+    bound, unless `insecure` is true. ipc:// sockets are created mode 0600, or 0660 with group
+    `ipc_group` (a gid); see `mdp.broker.boundary`.
     """
 
     def __init__(
@@ -97,6 +82,7 @@ class BrokerServer:
         socket_setup: list[tuple[int, int | bytes]] | None = None,
         auth: BrokerAuth | None = None,
         insecure: bool = False,
+        ipc_group: int | None = None,
     ) -> None:
         self.endpoints = list(endpoints)
         if not self.endpoints:
@@ -109,6 +95,7 @@ class BrokerServer:
         self._socket_setup = socket_setup or []
         self.auth = auth
         self.insecure = insecure
+        self.ipc_group = ipc_group
         self._socket: zmq.Socket[bytes] | None = None
         self._monitor: zmq.Socket[bytes] | None = None
         self._probes: list[float] = []  # when to probe workers next (spec/mdp.md §4.2)
@@ -125,22 +112,19 @@ class BrokerServer:
     def bind(self) -> list[str]:
         """Create the ROUTER socket and bind every endpoint; return the bound endpoints.
 
-        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed),
-        InsecureBindError, before binding anything, for an exposed endpoint without `auth`,
-        and mdp.security.SecurityError if the ZAP handler cannot start.
+        Raises zmq.ZMQError if an endpoint cannot be bound (the socket is then closed; also
+        EADDRINUSE for an ipc path where a broker already answers), InsecureBindError, before
+        binding anything, for a network endpoint without `auth`, boundary.GroupError if the
+        ipc sockets cannot be given to `ipc_group`, and mdp.security.SecurityError if the ZAP
+        handler cannot start.
         """
         auth = self.auth
-        if auth is None:
-            exposed = exposed_endpoints(self.endpoints)
-            if exposed and not self.insecure:
-                raise InsecureBindError(insecure_bind_help(exposed))
-            if self.insecure:
-                log.warning(
-                    "INSECURE (--insecure): no authentication on %s; on a non-loopback "
-                    "address anyone who can reach the port can run commands on the workers",
-                    ", ".join(self.endpoints),
-                )
-        else:
+        open_to_all = unauthenticated_endpoints(self.endpoints) if auth is None else []
+        if open_to_all and not self.insecure:
+            raise InsecureBindError(boundary.insecure_refusal(open_to_all))
+        for endpoint in self.endpoints:
+            boundary.check_ipc_free(endpoint)
+        if auth is not None:
             # The ZAP handler must exist before the socket can accept a handshake (RFC 27).
             auth.start(self._context)
         sock = self._context.socket(zmq.ROUTER)
@@ -156,8 +140,12 @@ class BrokerServer:
             for option, value in self._socket_setup:
                 sock.setsockopt(option, value)
             for endpoint in self.endpoints:
-                sock.bind(endpoint)
-                self.bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+                with boundary.bind_umask():  # an ipc socket is ours alone from its first moment
+                    sock.bind(endpoint)
+                bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                if self.ipc_group is not None:
+                    boundary.share_with_group(bound, self.ipc_group)
+                self.bound.append(bound)
         except BaseException:
             sock.close(linger=0)
             if auth is not None:
@@ -167,6 +155,9 @@ class BrokerServer:
         # ROUTER_NOTIFY needs libzmq's draft API; a monitor's DISCONNECTED event is the
         # portable sign that some peer's connection closed (which one, the probe tells).
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        if open_to_all:
+            self.core.unauthenticated = tuple(unauthenticated_endpoints(self.bound))
+            log.warning(boundary.insecure_warning(list(self.core.unauthenticated)))
         return self.bound
 
     def serve(self, *, handle_signals: bool = False) -> None:
@@ -207,7 +198,11 @@ class BrokerServer:
             round(core.config.heartbeat_interval * 1000),
             core.config.liveness,
             core.config.request_ttl,
-            "CURVE" if auth is not None else "no authentication",
+            "CURVE"
+            if auth is not None
+            else "UNAUTHENTICATED, --insecure"
+            if self.core.unauthenticated
+            else "no authentication: ipc/inproc only",
         )
         try:
             while not self._stopping:

@@ -18,8 +18,12 @@ concern:
   so a revoked key's established connections stop working at the next re-read.
 - `curve`: the socket options that make a client or worker a CURVE client of the broker.
 
-Where the broker may listen without CURVE is `mdp.endpoints.exposed_endpoints`; what a worker
-lets a command do is the command services' business (`services.policy`).
+- `keyset`: the local key set `mdp-keys init` makes, which the programs use when given no key
+  option.
+
+Which endpoints need CURVE is `mdp.endpoints.unauthenticated_endpoints`, and the broker's rules
+for them are `mdp.broker.boundary`; what a worker lets a command do is the command services'
+business (`services.policy`).
 """
 
 from __future__ import annotations

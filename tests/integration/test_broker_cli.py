@@ -34,7 +34,9 @@ def test_help_explains_every_option() -> None:
         "--max-msg-size",
         "--log-level",
         "--log-json",
-        "[env var: MDP_BROKER_BIND;",
+        "--group",
+        "--insecure",
+        "[env var: MDP_BROKER_BIND]",
     ):
         assert option in result.stdout, option
 
@@ -74,7 +76,7 @@ def test_endpoint_already_in_use_gives_a_clear_error() -> None:
     endpoint = free_tcp_endpoint()
     first = start_broker(endpoint)
     try:
-        result = run("--bind", endpoint)
+        result = run("--bind", endpoint, "--insecure")
         assert result.returncode == 1
         assert "Address already in use" in result.stderr
     finally:
@@ -123,7 +125,11 @@ def test_options_are_read_from_environment_variables() -> None:
     endpoint = free_tcp_endpoint()
     broker = Process(
         [script("mdp-broker")],
-        env={"MDP_BROKER_BIND": endpoint, "MDP_BROKER_HEARTBEAT_MS": "50"},
+        env={
+            "MDP_BROKER_BIND": endpoint,
+            "MDP_BROKER_HEARTBEAT_MS": "50",
+            "MDP_BROKER_INSECURE": "1",
+        },
     )
     ctx = zmq.Context()
     try:

@@ -351,7 +351,7 @@ def test_the_bind_check_applies_to_the_environment_variable_too() -> None:
     port = free_tcp_endpoint().rsplit(":", 1)[1]
     result = run_broker(env={"MDP_BROKER_BIND": f"tcp://127.0.0.1:{port} tcp://0.0.0.0:{port}"})
     assert result.returncode == 1
-    assert f"refusing to listen on tcp://0.0.0.0:{port} " in result.stderr
+    assert f"refusing to listen on tcp://127.0.0.1:{port}, tcp://0.0.0.0:{port} " in result.stderr
 
 
 def test_insecure_logs_a_warning_on_every_start(tmp_path: Path) -> None:

@@ -380,6 +380,18 @@ def test_mmi_services_lists_workers_and_queue_depth() -> None:
     ]
 
 
+def test_mmi_services_of_an_insecure_broker_says_who_is_unauthenticated() -> None:
+    """spec/security.md §6.2: a broker open to unauthenticated peers says so in every answer."""
+    b = core()
+    b.handle(b"C", [C02, b"\x01", b"mmi.services", b""], 0)
+    assert len(sent(b)[-1]) == 5  # a secure broker: the list alone
+    b.unauthenticated = ("tcp://127.0.0.1:5555",)
+    b.handle(b"C", [C02, b"\x01", b"mmi.services", b""], 0)
+    reply = sent(b)[-1]
+    assert reply[:4] == [b"C", C02, b"\x03", b"mmi.services"] and len(reply) == 6
+    assert msgpack.unpackb(reply[5]) == {"unauthenticated": ["tcp://127.0.0.1:5555"]}
+
+
 # --- shutdown -----------------------------------------------------------------------------
 
 

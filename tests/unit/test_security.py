@@ -14,8 +14,8 @@ import zmq.auth
 import zmq.utils.z85
 from click.testing import CliRunner
 
-from mdp.broker.server import insecure_bind_help
-from mdp.endpoints import exposed_endpoints, is_local_endpoint
+from mdp.broker.boundary import insecure_refusal
+from mdp.endpoints import is_local_endpoint, unauthenticated_endpoints
 from mdp.keys_cli import main as keys_main
 from mdp.security import (
     AllowLists,
@@ -134,12 +134,11 @@ def test_only_loopback_ipc_and_inproc_count_as_local(endpoint: str, local: bool)
 
 
 def test_the_refusal_explains_the_set_up_with_exact_commands() -> None:
-    assert exposed_endpoints(["tcp://127.0.0.1:1", "tcp://*:2", "tcp://*:*"]) == [
+    assert unauthenticated_endpoints(["ipc:///x", "tcp://127.0.0.1:1", "tcp://*:2"]) == [
+        "tcp://127.0.0.1:1",
         "tcp://*:2",
-        "tcp://*:*",
     ]
-    assert exposed_endpoints(["tcp://not-an-address:x"]) == []  # bind() will say why
-    text = insecure_bind_help(["tcp://*:2"])
+    text = insecure_refusal(["tcp://*:2"])
     for needle in (
         "mdp-keys generate broker --dir keys",
         "mdp-keys allow client keys/alice.key --dir allowed/clients",
