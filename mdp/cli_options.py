@@ -221,7 +221,8 @@ def key_set_peer_options(role: str) -> tuple[SocketOptions, str | None]:
     (`mdp-keys init`, spec/security.md §6.3) if there is one, else none.
 
     Returns the options and where they came from (for a log line), or ([], None). A key set
-    that exists but cannot be used is a ClickException, never a silent fallback to no CURVE.
+    that exists but cannot be used is a usage error (status 2, like a bad key option), never
+    a silent fallback to no CURVE.
     """
     try:
         key_set = find_key_set()
@@ -230,7 +231,7 @@ def key_set_peer_options(role: str) -> tuple[SocketOptions, str | None]:
         secret, server = key_set.peer_files(role)
         return curve_client_options(secret, server), f"the key set in {key_set.root}"
     except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.UsageError(str(exc)) from None
 
 
 def default_endpoint_or_fail() -> str:

@@ -162,7 +162,7 @@ def main() -> None:
 
     \b
     Examples:
-      mdp-conformance broker --cmd "mdp-broker --bind {endpoint}"
+      mdp-conformance broker --cmd "mdp-broker --bind {endpoint} --insecure"
       mdp-conformance broker --endpoint tcp://127.0.0.1:5555 --heartbeat-ms 2500
       mdp-conformance worker --cmd "mdp-worker --broker {endpoint} --service {service}
           --heartbeat-ms {heartbeat_ms} --liveness {liveness} --mdp-version {mdp_version}"

@@ -135,13 +135,14 @@ class Process:
             os.killpg(self.pid, signal.SIGKILL)
 
 
-def start_broker(endpoint: str, *extra: str, **kw: object) -> Process:
+def start_broker(endpoint: str, *extra: str, insecure: bool = True, **kw: object) -> Process:
     """Start `mdp-broker` on `endpoint` with test heartbeat settings and wait until it binds.
 
-    A tcp endpoint without CURVE options gets `--insecure`: the broker refuses tcp without
-    authentication otherwise (spec/security.md), and these tests are about other things.
+    A tcp endpoint without CURVE options gets `--insecure` (unless `insecure=False`): the
+    broker refuses tcp without authentication otherwise (spec/security.md), and most tests
+    are about other things.
     """
-    if endpoint.startswith("tcp://") and "--curve-secret-key" not in extra:
+    if insecure and endpoint.startswith("tcp://") and "--curve-secret-key" not in extra:
         extra = (*extra, "--insecure")
     proc = Process(
         [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 DEFAULT_BROKER_CMD = (
-    "mdp-broker --bind {endpoint} --heartbeat-ms {heartbeat_ms} --liveness {liveness}"
+    "mdp-broker --bind {endpoint} --insecure --heartbeat-ms {heartbeat_ms} --liveness {liveness}"
     " --request-ttl {request_ttl}"
 )
 

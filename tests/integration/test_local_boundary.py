@@ -14,6 +14,7 @@ one it may execute).
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -148,9 +149,9 @@ def markers() -> Iterator[Path]:
 
 @pytest.fixture
 def default_stack() -> Iterator[str]:
-    """Root's broker and `shell` worker, started with no endpoint option (worker as root:
-    MDP_WORKER_ALLOW_ROOT, set for the suite, stands for the worst case)."""
-    assert os.environ.get("MDP_WORKER_ALLOW_ROOT") == "1"
+    """A broker and a `shell` worker started with no endpoint option, as the README's
+    quickstart does (as root, MDP_WORKER_ALLOW_ROOT, set for the suite, stands for the worst
+    case: a root worker)."""
     endpoint = default_endpoint()
     broker = Process([script("mdp-broker"), *HEARTBEAT], to_files=True)
     worker = Process([script("mdp-worker"), "-s", "shell", *HEARTBEAT], to_files=True)
@@ -233,32 +234,55 @@ def test_a_tcp_broker_without_keys_refuses_to_start_so_nobody_reaches_nothing(
     assert not (markers / "nobody").exists()
 
 
-def test_with_mdp_keys_init_plain_programs_speak_curve_and_nobody_is_refused(
-    nobody: Nobody, markers: Path
-) -> None:
+@pytest.fixture
+def key_set() -> Iterator[Path]:
+    """`mdp-keys init` in the suite's private XDG_CONFIG_HOME; removed afterwards."""
     init = subprocess.run([script("mdp-keys"), "init"], capture_output=True, text=True, timeout=30)
-    key_dir = Path(os.environ["XDG_CONFIG_HOME"]) / "mdp"
+    root = Path(os.environ["XDG_CONFIG_HOME"]) / "mdp"
     try:
         assert init.returncode == 0, init.stderr
-        endpoint = free_tcp_endpoint()
-        broker = start_broker(endpoint)  # no key option, no --insecure: the key set is used
-        worker = Process(
-            [script("mdp-worker"), "-s", "shell", "-b", endpoint, *HEARTBEAT], to_files=True
-        )
-        try:
-            wait_until(lambda: ping(endpoint) == 0, timeout=15, interval=0.1, what="worker")
-            owner = run_as_owner(markers, "-a", endpoint)
-            assert owner.returncode == 0, owner.stderr
-            assert (markers / "owner").exists()
-            answer = nobody.run(endpoint, "request", str(markers / "nobody"))
-            assert answer["answered"] is False
-            assert not (markers / "nobody").exists()
-        finally:
-            worker.stop()
-            _, _, log = broker.stop()
-        assert b"CURVE" in log
+        yield root
     finally:
-        shutil.rmtree(key_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def curve_stack(key_set: Path) -> Iterator[str]:
+    """Plain `mdp-broker --bind tcp://127.0.0.1:PORT` and `mdp-worker -s shell -b` it: no key
+    option, no --insecure. The key set is what makes the broker agree to start."""
+    endpoint = free_tcp_endpoint()
+    broker = start_broker(endpoint, insecure=False)
+    worker = Process(
+        [script("mdp-worker"), "-s", "shell", "-b", endpoint, *HEARTBEAT], to_files=True
+    )
+    try:
+        wait_until(lambda: ping(endpoint) == 0, timeout=15, interval=0.1, what="a shell worker")
+        yield endpoint
+    finally:
+        worker.stop()
+        _, _, log = broker.stop()
+        assert b"CURVE with the key set in" in log and b"--insecure" not in log
+
+
+def test_with_mdp_keys_init_plain_programs_speak_curve_over_tcp(
+    curve_stack: str, markers: Path, key_set: Path
+) -> None:
+    owner = run_as_owner(markers, "-a", curve_stack)
+    assert owner.returncode == 0, owner.stderr
+    assert (markers / "owner").exists()
+    # A key set without the client's key is an error naming the file, never a fallback to
+    # no CURVE.
+    (key_set / "keys" / "client.key_secret").unlink()
+    refused = run_as_owner(markers, "-a", curve_stack, "--retries", "0")
+    assert refused.returncode == 2 and "keys/client.key_secret" in refused.stderr
+
+
+def test_nobody_cannot_run_a_command_through_a_curve_broker_on_tcp(
+    nobody: Nobody, curve_stack: str, markers: Path
+) -> None:
+    answer = nobody.run(curve_stack, "request", str(markers / "nobody"))
+    assert answer["answered"] is False
+    assert not (markers / "nobody").exists()
 
 
 # ------------------------------------------------------------------------------------------
@@ -304,3 +328,70 @@ def test_a_root_worker_with_user_runs_commands_as_that_user(markers: Path) -> No
     finally:
         worker.stop()
         broker.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# What the programs say
+
+
+def test_an_insecure_tcp_broker_says_so_at_start_and_in_mmi_services() -> None:
+    endpoint = free_tcp_endpoint()
+    broker = start_broker(endpoint)  # tcp without keys: --insecure
+    try:
+        services = subprocess.run(
+            [script("mdp-client"), "-a", endpoint, "--timeout", "2", "services", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        _, _, log = broker.stop()
+    assert services.returncode == 0 and json.loads(services.stdout) == []
+    assert f"unauthenticated peers on {endpoint} (--insecure)" in services.stderr
+    assert f"INSECURE (--insecure): {endpoint} accepts unauthenticated peers" in log.decode()
+    assert "every user of this machine can run commands" in log.decode()
+
+
+@pytest.mark.parametrize("program", ["mdp-broker", "mdp-worker", "mdp-client"])
+def test_a_runtime_dir_open_to_others_is_refused_by_every_program(program: str) -> None:
+    base = Path(tempfile.mkdtemp(prefix="mdp-open-"))
+    try:
+        (base / "mdp").mkdir(mode=0o700)
+        (base / "mdp").chmod(0o755)
+        args = {"mdp-worker": ["-s", "echo"], "mdp-client": ["ping", "echo"]}.get(program, [])
+        result = subprocess.run(
+            [script(program), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(base)},
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert result.returncode == 2, result.stderr
+    assert "cannot use the default endpoint" in result.stderr and "chmod 700" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_group_needs_a_socket_the_group_can_reach() -> None:
+    group = grp.getgrgid(os.getgid()).gr_name
+    result = subprocess.run(
+        [script("mdp-broker"), "--group", group, "--bind", default_endpoint()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "cannot enter" in result.stderr
+    result = subprocess.run(
+        [script("mdp-broker"), "--group", group, "--bind", "inproc://x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "no --bind ipc://PATH" in result.stderr
+
+
+def test_a_second_broker_on_the_default_endpoint_is_refused(default_stack: str) -> None:
+    result = subprocess.run([script("mdp-broker")], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "already listens" in result.stderr
+    assert ping() == 0  # the first one still serves

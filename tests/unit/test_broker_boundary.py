@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grp
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import zmq
 from mdp.broker import boundary
 from mdp.broker.server import BrokerServer, InsecureBindError
 from mdp.endpoints import unauthenticated_endpoints
+from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -30,6 +32,17 @@ def short_dir() -> Iterator[Path]:
         for child in directory.iterdir():
             child.unlink()
         directory.rmdir()
+
+
+def listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def test_every_transport_but_ipc_and_inproc_needs_authentication() -> None:
@@ -100,7 +113,9 @@ def test_a_second_broker_on_a_live_ipc_socket_is_refused(short_dir: Path) -> Non
     finally:
         assert first._socket is not None
         first._socket.close(linger=0)
-    # A socket file nobody listens on any more is taken over as before.
+    # A socket file nobody listens on any more is taken over as before. (libzmq closes the
+    # listener in its I/O thread, a moment after close() returns.)
+    wait_until(lambda: not listening(short_dir / "b.sock"), timeout=5, what="the listener to close")
     second = BrokerServer([endpoint])
     second.bind()
     assert second._socket is not None
