@@ -17,7 +17,7 @@ FAULTY_WORKER = (
     " {endpoint} {service} {mdp_version} {heartbeat_ms} "
 )
 FRAGILE_BROKER = (
-    f"{sys.executable} -m tests.conformance.peers.fragile_broker --bind {{endpoint}}"
+    f"{sys.executable} -m tests.conformance.peers.fragile_broker --bind {{endpoint}} --insecure"
     " --heartbeat-ms {heartbeat_ms} --liveness {liveness} --request-ttl {request_ttl}"
 )
 
