@@ -16,8 +16,13 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from mdp import __version__, logs
-from mdp.cli_options import curve_socket_options, endpoint_callback, heartbeat_options, log_options
-from mdp.client import DEFAULT_ENDPOINT
+from mdp.cli_options import (
+    curve_socket_options,
+    default_endpoint_or_fail,
+    endpoint_callback,
+    heartbeat_options,
+    log_options,
+)
 from services.cli import ByteSize
 from services.jobs.manager import JobManager, Settings
 from services.jobs.store import StoreCorrupt, StoreError, open_store
@@ -78,12 +83,13 @@ Exit codes:
 @click.option(
     "-b",
     "--broker",
-    default=DEFAULT_ENDPOINT,
-    show_default=True,
+    default=None,
     show_envvar=True,
     metavar="ENDPOINT",
     callback=endpoint_callback(),
-    help="The broker's ZeroMQ endpoint: jobs.* are served there and jobs are sent through it.",
+    help="The broker's ZeroMQ endpoint: jobs.* are served there and jobs are sent through it. "
+    "Default: this user's broker on this machine, ipc://$XDG_RUNTIME_DIR/mdp/broker.sock (see "
+    "mdp-broker --help).",
 )
 @click.option(
     "--also-broker",
@@ -238,7 +244,7 @@ Exit codes:
 @log_options("INFO logs start, stop, retention and cancels; DEBUG every frame.")
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-jobs")
 def main(
-    broker: str,
+    broker: str | None,
     also_broker: tuple[str, ...],
     db: str | None,
     name: str | None,
@@ -284,6 +290,8 @@ def main(
         # ~100 worker connections would each log their registration and reconnections.
         logging.getLogger("mdp.worker").setLevel(logging.WARNING)
     socket_options = curve_socket_options(curve_secret_key, curve_server_key)
+    if broker is None:
+        broker = default_endpoint_or_fail()
     try:
         settings = Settings(
             broker=broker,
