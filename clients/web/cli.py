@@ -11,8 +11,14 @@ import click
 
 from clients.web.security import Guard, generate_token, is_loopback_host
 from mdp import __version__, logs
-from mdp.cli_options import curve_options, curve_socket_options, endpoint_callback
-from mdp.client import DEFAULT_ENDPOINT, Client
+from mdp.cli_options import (
+    curve_options,
+    curve_socket_options,
+    default_endpoint_or_fail,
+    endpoint_callback,
+    key_set_peer_options,
+)
+from mdp.client import Client
 from mdp.metrics import MetricsBindError, parse_bind
 
 __all__ = ["main"]
@@ -41,12 +47,13 @@ Examples:
 @click.option(
     "-b",
     "--broker",
-    default=DEFAULT_ENDPOINT,
-    show_default=True,
+    default=None,
     show_envvar=True,
     callback=endpoint_callback(),
     metavar="ENDPOINT",
-    help="The broker to reach (the same default as mdp-client).",
+    help="The broker to reach. Default: the same as mdp-client's, this user's broker on this "
+    "machine (ipc://$XDG_RUNTIME_DIR/mdp/broker.sock). With no key option but a key set from "
+    "`mdp-keys init`, its client key is used.",
 )
 @click.option(
     "--bind",
@@ -109,7 +116,7 @@ Examples:
 )
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 def main(
-    broker: str,
+    broker: str | None,
     bind: str,
     token_file: str | None,
     allow_hosts: tuple[str, ...],
@@ -149,6 +156,10 @@ def main(
         )
     token, generated = _token(token_file)
     options = curve_socket_options(curve_secret_key, curve_server_key)
+    if not options:
+        options, _ = key_set_peer_options("client")
+    if broker is None:
+        broker = default_endpoint_or_fail()
     try:
         sock = _listen(host, port)
     except OSError as exc:

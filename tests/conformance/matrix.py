@@ -46,7 +46,7 @@ SUBJECTS = [
         "ours (mdp-broker)",
         [
             "--cmd",
-            f"{BIN / 'mdp-broker'} --bind {{endpoint}} --heartbeat-ms {{heartbeat_ms}}"
+            f"{BIN / 'mdp-broker'} --bind {{endpoint}} --insecure --heartbeat-ms {{heartbeat_ms}}"
             " --liveness {liveness} --request-ttl {request_ttl}",
         ],
     ),
