@@ -142,7 +142,11 @@ def start_broker(endpoint: str, *extra: str, insecure: bool = True, **kw: object
     broker refuses tcp without authentication otherwise (spec/security.md), and most tests
     are about other things.
     """
-    if insecure and endpoint.startswith("tcp://") and "--curve-secret-key" not in extra:
+    if (
+        insecure
+        and endpoint.startswith("tcp://")
+        and not {"--curve-secret-key", "--insecure"} & set(extra)
+    ):
         extra = (*extra, "--insecure")
     proc = Process(
         [
