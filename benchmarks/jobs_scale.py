@@ -21,6 +21,7 @@ alternate within each repetition; figures are medians. Writes `benchmarks/JOBS_S
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import statistics
 import sys
@@ -137,7 +138,10 @@ def measure(config: str, count: int, end_to_end: bool, scratch: Path, server: ob
     db = Database(kind, scratch, server if kind == "postgres" else None)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with Procs() as procs:
-        broker = procs.start([_script("mdp-broker"), "--bind", endpoint, "--log-level", "warning"])
+        # tcp without CURVE must be asked for (--insecure); on loopback, on a benchmark machine.
+        broker = procs.start(
+            [_script("mdp-broker"), "--bind", endpoint, "--insecure", "--log-level", "warning"]
+        )
         pids: dict[str, list[int]] = {"broker": [broker.pid]}
         if end_to_end:
             worker = procs.start(
@@ -151,6 +155,8 @@ def measure(config: str, count: int, end_to_end: bool, scratch: Path, server: ob
                     endpoint,
                     "--log-level",
                     "warning",
+                    # Benchmark machines often run everything as root; `true` as root is meant.
+                    *(["--allow-root"] if os.geteuid() == 0 else []),
                 ]
             )
             pids["worker"] = [worker.pid]
