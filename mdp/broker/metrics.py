@@ -82,3 +82,13 @@ class BrokerCollector(Collector):
         yield CounterMetricFamily(
             "mdp_broker_mmi_requests", "MMI requests answered", value=stats.mmi_requests
         )
+        # spec/security.md §6.2: an --insecure broker says so here too (one series per open
+        # endpoint, value 1; none at all when every peer is authenticated or local).
+        unauthenticated = GaugeMetricFamily(
+            "mdp_broker_unauthenticated_endpoints",
+            "Endpoints on which the broker accepts unauthenticated peers (--insecure)",
+            labels=["endpoint"],
+        )
+        for endpoint in core.unauthenticated:
+            unauthenticated.add_metric([endpoint], 1)
+        yield unauthenticated

@@ -143,3 +143,20 @@ def test_group_sharing_needs_a_directory_the_group_can_enter(short_dir: Path) ->
     boundary.check_group_reach(f"ipc://{short_dir}/b.sock", os.getgid())
     with pytest.raises(boundary.GroupError, match="no such group"):
         boundary.group_id("no-such-group-mdp")
+
+
+def test_an_insecure_broker_says_so_in_its_metrics() -> None:
+    """spec/security.md §6.2: the open endpoints are a metric too; none when secure."""
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mdp.broker.core import BrokerCore
+    from mdp.broker.metrics import BrokerCollector
+
+    core = BrokerCore()
+    registry = CollectorRegistry()
+    registry.register(BrokerCollector(core))
+    assert b"mdp_broker_unauthenticated_endpoints{" not in generate_latest(registry)
+    core.unauthenticated = ("tcp://127.0.0.1:5555",)
+    text = generate_latest(registry).decode()
+    assert 'mdp_broker_unauthenticated_endpoints{endpoint="tcp://127.0.0.1:5555"} 1.0' in text
