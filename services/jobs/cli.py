@@ -171,7 +171,7 @@ Exit codes:
 @click.option(
     "--purge-batch",
     type=click.IntRange(1, 100_000),
-    default=1000,
+    default=200,
     show_default=True,
     show_envvar=True,
     help="Rows per retention transaction.",

@@ -36,6 +36,7 @@ Every wait is bounded; the store is the only state that matters across restarts.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -119,7 +120,7 @@ class Settings:
     keep_records: float = 30 * DAY
     keep_tombstones: float = 365 * DAY
     purge_interval: float = 60.0
-    purge_batch: int = 1000
+    purge_batch: int = 200
     grace: float = 5.0
     name: str = field(default_factory=socket.gethostname)
     """Who holds the jobs this process follows (the store's `owner`); unique per job service
@@ -191,6 +192,7 @@ class JobManager:
         self._cancel_requested: set[str] = set()
         self._watchers: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self._following: set[str] = set()
+        self._buffer: dict[str, collections.deque[Job]] = collections.defaultdict(collections.deque)
         """Running jobs this process follows and holds the lease of."""
         self.dispatched = 0
         self.taken_over = 0
@@ -350,40 +352,81 @@ class JobManager:
         return 2 * self._workers_of.get(service, 0)
 
     async def _dispatch_loop(self) -> None:
+        """Claim queued jobs and start them, per service, within its window.
+
+        Claims run one window ahead of dispatch (`_buffer`), so a slot freed by a FINAL is
+        refilled at once from memory, without waiting for a commit."""
         while not self._stop.is_set():
             self._wake.clear()
             try:
                 services = await self.store.queued_services()
+                for service in {*services, *(k for k, v in self._buffer.items() if v)}:
+                    self._start_buffered(service)
                 wanted = [
-                    (service, free)
+                    (service, room)
                     for service in services
-                    if (free := self._window(service) - self._in_flight[service]) > 0
+                    if (
+                        room := 2 * self._window(service)
+                        - self._in_flight[service]
+                        - len(self._buffer[service])
+                    )
+                    > 0
                 ]
                 now = self._clock()
                 claims = await asyncio.gather(
                     *(
-                        self.store.claim(service, free, now, owner=self.settings.name)
-                        for service, free in wanted
+                        self.store.claim(service, room, now, owner=self.settings.name)
+                        for service, room in wanted
                     )
                 )
             except StoreError as exc:
                 log.error("dispatch: %s", exc)
                 await self._sleep(1.0)
                 continue
-            for jobs in claims:
-                for job in jobs:
-                    self._in_flight[job.service] += 1
-                    self._spawn(self._dispatch(job))
-
+            for (service, _), jobs in zip(wanted, claims, strict=True):
+                self._buffer[service].extend(jobs)
+                self._start_buffered(service)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
 
+    def _start_buffered(self, service: str) -> None:
+        """Dispatch claimed jobs of `service` while its window has room."""
+        buffer = self._buffer.get(service)
+        now = self._clock()
+        while buffer and self._in_flight[service] < self._window(service):
+            job = buffer.popleft()
+            if (job.claimed or now) + self.settings.dispatch_timeout / 2 < now:
+                # Held too long (the window shrank): its start_by would be too close to the
+                # moment peers may take the claim over. Give it back instead of sending it.
+                if not self.store.shared:
+                    self._spawn(self._apply(job, Event.SILENT))
+                continue
+            self._in_flight[service] += 1
+            self._spawn(self._dispatch(job))
+
     async def _dispatch(self, job: Job) -> None:
         self.dispatched += 1
+        held = True
+
+        def release() -> None:
+            # The worker is free once its FINAL is here: the slot goes to the next job now,
+            # while this one's result is being committed.
+            nonlocal held
+            if held:
+                held = False
+                self._in_flight[job.service] -= 1
+                self._start_buffered(job.service)
+                self._wake.set()
+
         try:
-            start_by = self._clock() + self.settings.dispatch_timeout
+            # start_by counts from the claim, so it is past before any peer may take the
+            # claim over (dispatch timeout + skew after the claim).
+            start_by = (job.claimed or self._clock()) + self.settings.dispatch_timeout
             outcome, job = await self._follow(
-                job, _request(job, start_by), self.settings.dispatch_timeout + SKEW
+                job,
+                _request(job, start_by),
+                max(0.1, start_by + SKEW - self._clock()),
+                release,
             )
             if outcome == "silent-queued":
                 await self._apply(job, Event.SILENT)
@@ -392,16 +435,34 @@ class JobManager:
         except StoreError as exc:
             log.error("job %s: %s", job.id, exc)
         finally:
-            self._in_flight[job.service] -= 1
+            release()
             self._following.discard(job.id)
-            self._wake.set()
 
-    async def _follow(self, job: Job, body: list[bytes], first_silence: float) -> tuple[str, Job]:
+    async def _follow(
+        self,
+        job: Job,
+        body: list[bytes],
+        first_silence: float,
+        release: Callable[[], None] | None = None,
+    ) -> tuple[str, Job]:
         """Send `body` for `job` and store what comes back. Returns how it ended, and the job
         as last stored: `done` (the job is terminal), `gone` (it changed under us: cancelled,
         ...), `silent-queued`, `expired-queued` (nothing started; the claim is released),
-        `silent-running`, `expired-running` (it had started; someone must re-attach)."""
+        `silent-running`, `expired-running` (it had started; someone must re-attach).
+
+        `started` is committed while the stream goes on (its write is queued before any later
+        one of this job, and awaited before the FINAL's); `release` is called when the FINAL
+        arrives, before it is committed."""
         state = job.state
+        started: asyncio.Future[Job | None] | None = None
+
+        async def settle() -> Job | None:
+            nonlocal started
+            if started is None:
+                return job
+            recorded, started = await started, None
+            return recorded
+
         parts = self.client.stream(job.service, *body)
         async with contextlib.aclosing(parts):
             while True:
@@ -409,13 +470,31 @@ class JobManager:
                 try:
                     part = await asyncio.wait_for(anext(parts), silence)
                 except (TimeoutError, MDPError):
-                    return f"silent-{state}", job
-                if not part.final:
-                    updated = await self._partial(job, state, part.body)
-                    if updated is None:
+                    recorded = await settle()
+                    if recorded is None:
                         return "gone", job
-                    job, state = updated, updated.state
-                    continue
+                    return f"silent-{state}", recorded
+                if not part.final:
+                    try:
+                        event = parse_partial(part.body)
+                    except BodyError:
+                        continue  # not a command service's PARTIAL: nothing to store
+                    if isinstance(event, Started) and state == "queued":
+                        worker = event.worker.model_dump(exclude_none=True)
+                        started = asyncio.ensure_future(self._record_started(job, worker))
+                        state = "running"
+                    elif isinstance(event, Output):
+                        await self.store.append_output(
+                            job.id, [(event.stream, event.data)], self.settings.max_log
+                        )
+                        self._notify(job.id)
+                    continue  # progress, or a re-attached run repeating `started`
+                if release is not None:
+                    release()
+                recorded = await settle()
+                if recorded is None:
+                    return "gone", job
+                job = recorded
                 status, exit_code, message = _interpret(job.kind, part.body)
                 if status == "expired":
                     if state == "queued":
@@ -432,32 +511,17 @@ class JobManager:
                 self._cancel_requested.discard(job.id)
                 return ("done", done) if done is not None else ("gone", job)
 
-    async def _partial(self, job: Job, state: str, body: list[bytes]) -> Job | None:
-        """Store one PARTIAL; the job after it, or None if the job is no longer ours."""
-        try:
-            event = parse_partial(body)
-        except BodyError:
-            return job  # not a command service's PARTIAL: nothing to store
-        if isinstance(event, Started):
-            worker = event.worker.model_dump(exclude_none=True)
-            if state != "queued":
-                return job  # a re-attach: the worker repeats `started`
-            updated = await self._apply(job, Event.STARTED, worker=worker)
-            if updated is not None:
-                return updated
-            fresh = await self.store.get(job.id)
-            if isinstance(fresh, Job) and fresh.state == "running":
-                return fresh  # already stored as running (a stale copy of the job)
-            # Cancelled (or ended) while its request was on the way: stop the run.
-            self._spawn(self._cancel_on_worker(job.id, job.service, worker))
-            return None
-        if isinstance(event, Output):
-            stored = await self.store.append_output(
-                job.id, [(event.stream, event.data)], self.settings.max_log
-            )
-            self._notify(job.id)
-            return job if stored is None else stored
-        return job
+    async def _record_started(self, job: Job, worker: dict[str, Any]) -> Job | None:
+        """Store `started`; the job after it, or None if it is no longer ours to follow."""
+        updated = await self._apply(job, Event.STARTED, worker=worker)
+        if updated is not None:
+            return updated
+        fresh = await self.store.get(job.id)
+        if isinstance(fresh, Job) and fresh.state == "running":
+            return fresh  # already stored as running (a stale copy of the job)
+        # Cancelled (or ended) while its request was on the way: stop the run.
+        self._spawn(self._cancel_on_worker(job.id, job.service, worker))
+        return None
 
     async def _reattach_running(self) -> None:
         """At start: every `running` job that is ours gets a re-attach task (spec/jobs.md §4):
@@ -779,6 +843,11 @@ class JobManager:
             state = fresh.state if isinstance(fresh, Job) else "expired"
             return state, "finished"
         if updated.state == "cancelled":
+            buffer = self._buffer.get(updated.service)
+            if buffer:  # claimed but not sent yet: it must not be
+                self._buffer[updated.service] = collections.deque(
+                    job for job in buffer if job.id != job_id
+                )
             return "cancelled", "cancelled"
         self._cancel_requested.add(job_id)
         if updated.worker:

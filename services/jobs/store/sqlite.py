@@ -602,20 +602,25 @@ class SQLiteStore(JobStore):
                     f"AND finished < ? AND state IN ({states}) ORDER BY finished LIMIT ?",
                     (before, batch),
                 ).fetchall()
+            # One batch bounds the rows of both kinds together: outputs first, records with
+            # the room left (a long transaction would hold up the submits queued behind it).
             outputs = outputs[:batch]
-            for (seq,) in outputs:
-                conn.execute("DELETE FROM output WHERE job_seq = ?", (seq,))
-                conn.execute(
-                    "UPDATE jobs SET output_purged = 1, result = NULL WHERE seq = ?", (seq,)
-                )
+            seqs = [(seq,) for (seq,) in outputs]
+            conn.executemany("DELETE FROM output WHERE job_seq = ?", seqs)
+            conn.executemany("UPDATE jobs SET output_purged = 1, result = NULL WHERE seq = ?", seqs)
+            room = batch - len(outputs)
             records: list[tuple[int, str, str, float | None]] = []
-            for before, states in ((record_before, "'ok'"), (record_failed_before, _FAILED_SQL)):
-                records += conn.execute(
-                    "SELECT seq, id, state, finished FROM jobs WHERE finished IS NOT NULL "
-                    f"AND finished < ? AND state IN ({states}) ORDER BY finished LIMIT ?",
-                    (before, batch),
-                ).fetchall()
-            records = records[:batch]
+            if room > 0:
+                for before, states in (
+                    (record_before, "'ok'"),
+                    (record_failed_before, _FAILED_SQL),
+                ):
+                    records += conn.execute(
+                        "SELECT seq, id, state, finished FROM jobs WHERE finished IS NOT NULL "
+                        f"AND finished < ? AND state IN ({states}) ORDER BY finished LIMIT ?",
+                        (before, room),
+                    ).fetchall()
+                records = records[:room]
             _remove(conn, records, now)
             cur = conn.execute(
                 "DELETE FROM tombstones WHERE id IN (SELECT id FROM tombstones "
@@ -714,13 +719,13 @@ def _remove(
     conn: sqlite3.Connection, records: Sequence[tuple[int, str, str, float | None]], now: float
 ) -> None:
     """Delete job records and their output, leaving tombstones."""
-    for seq, job_id, state, finished in records:
-        conn.execute("DELETE FROM output WHERE job_seq = ?", (seq,))
-        conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
-        conn.execute(
-            "INSERT OR REPLACE INTO tombstones (id, state, finished, purged) VALUES (?, ?, ?, ?)",
-            (job_id, state, finished, now),
-        )
+    seqs = [(record[0],) for record in records]
+    conn.executemany("DELETE FROM output WHERE job_seq = ?", seqs)
+    conn.executemany("DELETE FROM jobs WHERE seq = ?", seqs)
+    conn.executemany(
+        "INSERT OR REPLACE INTO tombstones (id, state, finished, purged) VALUES (?, ?, ?, ?)",
+        [(job_id, state, finished, now) for _, job_id, state, finished in records],
+    )
 
 
 def _statements(script: str) -> list[str]:

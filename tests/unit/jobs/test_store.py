@@ -257,12 +257,16 @@ async def test_purge_is_bounded_by_batch(store: JobStore) -> None:
         "record_failed_before": T0 + DAY,
         "tombstone_before": T0 - DAY,
     }
-    first = await store.purge(**limits, now=T0 + DAY, batch=3)
-    assert first.records == 3
-    remaining = {j.id for j in await store.list_jobs()}
-    assert remaining == {"j3", "j4", "j5", "j6"}  # oldest finished go first
-    while (await store.purge(**limits, now=T0 + DAY, batch=3)).total:
-        pass
+    removed: list[str] = []
+    while True:
+        before = {j.id for j in await store.list_jobs()}
+        step = await store.purge(**limits, now=T0 + DAY, batch=3)
+        assert step.outputs <= 3 and step.records <= 3
+        if not step.total:
+            break
+        after = {j.id for j in await store.list_jobs()}
+        removed += sorted(before - after)
+    assert removed == [f"j{i}" for i in range(7)]  # the oldest finished go first
     assert await store.list_jobs() == []
     stones = await store.purge(**{**limits, "tombstone_before": T0 + 2 * DAY}, now=T0, batch=5)
     assert stones.tombstones == 5
