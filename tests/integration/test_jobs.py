@@ -309,6 +309,8 @@ def test_cancel_of_a_running_job_ends_its_whole_process_group(system: System) ->
         )
         wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=10)
         pgid = int(pidfile.read_text())
+        # Running as the store says (started is committed a moment after the command starts).
+        wait_until(lambda: client.status([job])[job]["state"] == "running", timeout=10)
         answer = client.call("jobs.cancel", {"ids": [job]})["jobs"][0]
         assert answer["cancel"] == "requested"
         final = client.wait_terminal([job], timeout=15)[job]
