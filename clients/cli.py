@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
@@ -56,6 +57,7 @@ Exit codes (when several apply, the first in this list wins):
   66   FILE does not exist or cannot be read
   65   FILE is not valid JSON or not a valid commands file, or a command is larger
        than the broker's message limit (--max-msg-size); nothing is sent
+  68   a --host name or glob matches no registered worker; nothing is sent
   69   no broker answered (refused connections and unknown hosts are said within a
        second), or a service is unknown to the broker
   75   some command was lost or expired: no result after the allowed retries; a lost
@@ -105,7 +107,11 @@ Examples:
   {PROG} -f examples/batch.json
   {PROG} --embedded -f examples/batch.json        # no broker or worker needed
   echo '{{"command_type":"os","command_name":"ls"}}' | {PROG} -f - --json
+  {PROG} --host web-3 -f cmds.json                # on the worker named web-3 only
+  {PROG} --host 'web-*' -f cmds.json --json       # each command on every web-* worker
+  {PROG} --all -f cmds.json                       # each command on every named worker
   {PROG} services
+  {PROG} workers
   {PROG} ping shell
 
 {EXIT_CODES}"""
@@ -214,7 +220,7 @@ class Connection:
     invoke_without_command=True,
     context_settings=CONTEXT,
     help=MAIN_HELP,
-    subcommand_metavar="[services | ping SERVICE]",
+    subcommand_metavar="[services | workers | ping SERVICE]",
 )
 @click.option(
     "-f",
@@ -287,6 +293,22 @@ class Connection:
     "is refused before anything is sent (exit 65).",
 )
 @click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME|GLOB",
+    help="Run each command on the named worker (its --name) alone, through SERVICE@NAME; a "
+    "glob ('web-*') runs it on every matching worker. Repeatable. Names are resolved with "
+    "mmi.workers: one that matches nothing is an error (exit 68), nothing is sent.",
+)
+@click.option(
+    "--all",
+    "every_host",
+    is_flag=True,
+    help="Run each command on every named worker the broker knows (one result per host and "
+    "command; the summary counts hosts ok/failed/timeout/unreachable).",
+)
+@click.option(
     "--embedded",
     is_flag=True,
     envvar="MDP_CLIENT_EMBEDDED",
@@ -307,6 +329,8 @@ def main(
     retry_started: bool,
     detach: bool,
     max_msg_size: int,
+    hosts: tuple[str, ...],
+    every_host: bool,
     embedded: bool,
     **params: Any,
 ) -> None:
@@ -327,6 +351,10 @@ def main(
         raise click.UsageError("--json and --jsonl exclude each other")
     if stream and (as_json or as_jsonl):
         raise click.UsageError("--stream shows output for humans; it cannot go with --json/--jsonl")
+    if hosts and every_host:
+        raise click.UsageError("--host and --all exclude each other")
+    if (hosts or every_host) and embedded:
+        raise click.UsageError("--host/--all need a broker with named workers, not --embedded")
     try:
         specs = load_commands(path)
     except InputError as exc:
@@ -344,7 +372,8 @@ def main(
     settings = RunSettings(
         parallel=parallel, retry_started=retry_started, stream=stream, detach=detach
     )
-    sys.exit(_run_sync(_run_file(specs, connection, settings, mode, embedded)))
+    target = Target(hosts, every_host) if hosts or every_host else None
+    sys.exit(_run_sync(_run_file(specs, connection, settings, mode, embedded, target)))
 
 
 class _Terminated(KeyboardInterrupt):
@@ -402,12 +431,18 @@ async def _run_file(
     settings: RunSettings,
     mode: str,
     embedded: bool,
+    target: Target | None = None,
 ) -> int:
     async with _brokers(connection, specs, embedded, settings.parallel) as brokers:
         if brokers is None:
             return ExitCode.UNAVAILABLE
         client = connection.client(brokers, local=embedded)
         try:
+            if target is not None:
+                addressed = await _addressed(client, connection, specs, target)
+                if isinstance(addressed, int):
+                    return addressed
+                specs = addressed
             try:
                 warnings = await check_services(client, [spec.command_type for spec in specs])
             except ServiceCheckFailed as exc:
@@ -431,6 +466,38 @@ async def _run_file(
             return exit_code_for(outcomes)
         finally:
             client.close()
+
+
+@dataclass(frozen=True)
+class Target:
+    """--host patterns or --all."""
+
+    hosts: tuple[str, ...]
+    every: bool
+
+
+async def _addressed(
+    client: Client, connection: Connection, specs: list[CommandSpec], target: Target
+) -> list[CommandSpec] | int:
+    """The commands addressed to every host the target selects, or the exit code that ends
+    the run before anything is sent (68 no such host, 69 no broker, 1 no mmi.workers)."""
+    from clients.fleet import UnknownHost, address, resolve_hosts
+
+    try:
+        await _reachable(client)
+        hosts, _ = await resolve_hosts(client, target.hosts, target.every)
+    except UnknownHost as exc:
+        click.echo(f"{PROG}: {exc}", err=True)
+        return ExitCode.NO_HOST
+    except RequestTimeout:
+        _no_broker(connection)
+    except MMINotImplemented:
+        click.echo(f"{PROG}: the broker does not implement mmi.workers", err=True)
+        return ExitCode.FAILED
+    except MDPError as exc:
+        click.echo(f"{PROG}: bad mmi.workers answer: {exc}", err=True)
+        return ExitCode.FAILED
+    return address(specs, hosts)
 
 
 @asynccontextmanager
@@ -507,6 +574,60 @@ def services(parent: Connection, /, as_json: bool, **params: Any) -> None:
         table = Table("service", "workers", "queued", box=None)
         for service in sorted(found, key=lambda s: s.name):
             table.add_row(service.name, str(service.workers), str(service.queued))
+        console.print(table)
+        return 0
+
+    sys.exit(_run_sync(ask()))
+
+
+@main.command(
+    context_settings=CONTEXT,
+    epilog="Exit codes: 0 ok; 69 no broker answered; 1 the broker has no mmi.workers.",
+)
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_obj
+def workers(parent: Connection, /, as_json: bool, **params: Any) -> None:
+    """List the workers the broker knows, by name (mmi.workers): services, protocol version,
+    busy or idle, requests in flight, connections, and seconds since the broker last heard from
+    each. A worker that stops answering shows a growing "last heard" until it expires."""
+    connection = Connection(params, parent)
+
+    async def ask() -> int:
+        client = connection.client()
+        try:
+            await _reachable(client)
+            found = await client.workers()
+        except RequestTimeout:
+            _no_broker(connection)
+        except MMINotImplemented:
+            _fail("the broker does not implement mmi.workers", ExitCode.FAILED)
+        except MDPError as exc:
+            _fail(f"bad mmi.workers answer: {exc}", ExitCode.FAILED)
+        finally:
+            client.close()
+        if as_json:
+            import json
+
+            click.echo(json.dumps([w.to_map() for w in found]))
+            return 0
+        console = Console(highlight=False)
+        if not found:
+            console.print("no workers registered")
+            return 0
+        table = Table(
+            "worker", "state", "in flight", "conns", "last heard", "version", "services", box=None
+        )
+        for w in found:
+            table.add_row(
+                w.name,
+                "busy" if w.busy else "idle",
+                str(w.in_flight),
+                str(w.connections),
+                f"{w.last_heard:.1f}s",
+                w.version,
+                " ".join(w.services),
+            )
         console.print(table)
         return 0
 

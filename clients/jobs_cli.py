@@ -22,6 +22,7 @@ from rich.table import Table
 
 from clients.cli import CONTEXT, PROG, Connection, _fail, _run_sync, connection_options
 from clients.commands import CommandSpec, InputError, load_commands
+from clients.fleet import UnknownHost, address, host_of, resolve_hosts
 from clients.jobs import JobsAPI, JobsError
 from clients.render import HumanReport, JsonLinesReport, JsonReport, QuietConsole, Report
 from clients.results import CommandOutcome, ExitCode, exit_code_for
@@ -238,6 +239,28 @@ def json_options(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="One JSON document.")(f)
 
 
+async def _targeted(
+    connection: Connection, specs: list[CommandSpec], hosts: tuple[str, ...], every: bool
+) -> list[CommandSpec]:
+    """The commands addressed to each selected host (as `mdp-client --host/--all`); exits 68
+    when a pattern matches no worker, 69 when no broker answers."""
+    client = connection.client()
+    try:
+        chosen, _ = await resolve_hosts(client, hosts, every)
+    except UnknownHost as exc:
+        click.echo(f"{PROG}: {exc}", err=True)
+        sys.exit(ExitCode.NO_HOST)
+    except RequestTimeout:
+        click.echo(f"{PROG}: no broker answered at {', '.join(connection.brokers)}", err=True)
+        sys.exit(ExitCode.UNAVAILABLE)
+    except MDPError as exc:
+        click.echo(f"{PROG}: cannot list the workers (mmi.workers): {exc}", err=True)
+        sys.exit(ExitCode.FAILED)
+    finally:
+        client.close()
+    return address(specs, chosen)
+
+
 # ---------------------------------------------------------------------------------------------
 # The subcommands
 
@@ -251,6 +274,15 @@ def json_options(f: F) -> F:
     metavar="FILE",
     help="Commands file, as for a direct run (- reads standard input).",
 )
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME|GLOB",
+    help="One job per matching worker and command, run on that worker alone (SERVICE@NAME); "
+    "as for a direct run. No match: exit 68.",
+)
+@click.option("--all", "every_host", is_flag=True, help="One job per named worker and command.")
 @job_options
 @json_options
 @click.pass_obj
@@ -258,6 +290,8 @@ def submit(
     parent: Connection,
     /,
     path: str,
+    hosts: tuple[str, ...],
+    every_host: bool,
     embedded: bool,
     db: Path | None,
     as_json: bool,
@@ -278,7 +312,15 @@ def submit(
             click.echo(f"{PROG}: {problem}", err=True)
         sys.exit(exc.exit_code)
 
+    if hosts and every_host:
+        raise click.UsageError("--host and --all exclude each other")
+    if (hosts or every_host) and embedded:
+        raise click.UsageError("--host/--all need a broker with named workers, not --embedded")
+
     async def go() -> int:
+        nonlocal specs
+        if hosts or every_host:
+            specs = await _targeted(connection, specs, hosts, every_host)
         async with jobs_api(connection, embedded, db) as api:
             limit = asyncio.Semaphore(64)
 
@@ -292,6 +334,10 @@ def submit(
             {"index": i, "id": a["id"], "service": s.command_type, "state": a["state"]}
             for i, (a, s) in enumerate(zip(answers, specs, strict=True))
         ]
+        for row in rows:
+            host = host_of(str(row["service"]))
+            if host is not None:
+                row["host"] = host
         if mode == "json":
             click.echo(json.dumps(rows))
         elif mode == "jsonl":
@@ -299,7 +345,7 @@ def submit(
                 click.echo(json.dumps(row))
         else:
             for row in rows:
-                click.echo(row["id"])
+                click.echo(f"{row['id']}  {row['host']}" if "host" in row else row["id"])
         return 0
 
     _run(connection, go)

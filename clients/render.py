@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from clients.results import STATUS_ORDER, CommandOutcome, summary
+from clients.results import STATUS_ORDER, CommandOutcome, hosts_summary, summary
 from clients.runner import Events
 from services.bodies import CommandSpec, WorkerInfo
 
@@ -202,7 +202,7 @@ class HumanReport(Report):
             self._progress.advance(self._task)
 
     def close(self, outcomes: list[CommandOutcome], elapsed_s: float) -> None:
-        if not self.several:
+        if not self.several and hosts_summary(outcomes) is None:
             return
         counts = summary(outcomes, elapsed_s)["by_status"]
         line = Text(f"{len(outcomes)} commands in {_duration(elapsed_s * 1000)}: ")
@@ -211,6 +211,16 @@ class HumanReport(Report):
                 line.append(", ")
             line.append(f"{counts[status]} {status}", style=STATUS_STYLE[status])
         self.out.print(line, soft_wrap=True)
+        hosts = hosts_summary(outcomes)
+        if hosts is not None:
+            # --host/--all: one line per category naming its hosts, then the count line.
+            for category, names in hosts.items():
+                if names:
+                    style = "bold green" if category == "ok" else "bold red"
+                    self.out.print(Text(f"{category:<11} ", style=style) + Text(" ".join(names)))
+            total = sum(len(names) for names in hosts.values())
+            parts = [f"{len(names)} {category}" for category, names in hosts.items() if names]
+            self.out.print(Text(f"{total} hosts: {', '.join(parts)}"), soft_wrap=True)
 
     # --------------------------------------------------------------------------------------
 

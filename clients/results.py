@@ -24,8 +24,9 @@ __all__ = ["CommandOutcome", "ExitCode", "exit_code_for", "json_bytes", "summary
 class ExitCode(enum.IntEnum):
     """`mdp-client` exit codes. When several apply, the highest in this list wins:
 
-    USAGE (2) > NO_INPUT (66) > DATA_ERROR (65) > UNAVAILABLE (69) > LOST (75) > TIMEOUT (124)
-    > FAILED (1) > OK (0). The first four stop the run before any command is sent.
+    USAGE (2) > NO_INPUT (66) > DATA_ERROR (65) > NO_HOST (68) > UNAVAILABLE (69) > LOST (75)
+    > TIMEOUT (124) > FAILED (1) > OK (0). The first five stop the run before any command is
+    sent.
     """
 
     OK = 0
@@ -34,6 +35,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     DATA_ERROR = 65
     NO_INPUT = 66
+    NO_HOST = 68
+    """A --host name or glob matched no registered worker (sysexits EX_NOHOST)."""
     UNAVAILABLE = 69
     """No broker answered, or a service is unknown to the broker."""
     LOST = 75
@@ -81,10 +84,13 @@ class CommandOutcome(CommandResult):
                 setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict. Output is a string when it is valid UTF-8, else {"base64": ...}."""
+        """A JSON-ready dict. Output is a string when it is valid UTF-8, else {"base64": ...}.
+        A command addressed to one worker (`SERVICE@HOST`, --host/--all) also has `host`."""
+        service, at, host = self.spec.command_type.partition("@")
         return {
             "index": self.index,
-            "command_type": self.spec.command_type,
+            **({"host": host} if at else {}),
+            "command_type": service if at else self.spec.command_type,
             "command_name": self.spec.command_name,
             "parameters": self.spec.parameters,
             **self.model_dump(exclude={"index", "spec", "streamed", "run_limit"}),
@@ -117,9 +123,28 @@ def exit_code_for(outcomes: Iterable[CommandOutcome]) -> ExitCode:
 def summary(outcomes: list[CommandOutcome], elapsed_s: float) -> dict[str, Any]:
     """Counts by status, the exit code and the wall time of the run."""
     counts: Counter[str] = Counter(outcome.status for outcome in outcomes)
-    return {
+    document: dict[str, Any] = {
         "total": len(outcomes),
         "by_status": {status: counts[status] for status in STATUS_ORDER if counts[status]},
         "exit_code": int(exit_code_for(outcomes)),
         "elapsed_ms": round(elapsed_s * 1000, 3),
     }
+    hosts = hosts_summary(outcomes)
+    if hosts is not None:
+        document["hosts"] = hosts
+    return document
+
+
+def hosts_summary(outcomes: Iterable[CommandOutcome]) -> dict[str, list[str]] | None:
+    """For a run addressed to hosts (--host/--all): the hosts by their worst command's
+    category, ok/failed/timeout/unreachable (lost or expired). None for an ordinary run."""
+    pairs = []
+    for outcome in outcomes:
+        _, at, host = outcome.spec.command_type.partition("@")
+        if at:
+            pairs.append((host, outcome.status))
+    if not pairs:
+        return None
+    from clients.fleet import host_counts
+
+    return host_counts(pairs)

@@ -39,7 +39,7 @@ from mdp.client_core import (
 )
 from mdp.endpoints import check_endpoint, default_endpoint, tcp_host
 from mdp.errors import ProtocolError
-from mdp.mmi import MMINotImplemented, ServiceInfo, ServiceList
+from mdp.mmi import MMINotImplemented, ServiceInfo, ServiceList, WorkerInfo
 from mdp.protocol import Version
 
 __all__ = [
@@ -334,6 +334,12 @@ class Client:
         `ProtocolError` for a malformed answer.
         """
         return mmi.decode_services(await self.mmi(mmi.SERVICES))
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Every worker the broker knows, by name (`mmi.workers`, spec/mdp.md §5.1): its
+        services, protocol version, busy, in-flight requests, connections and seconds since it
+        was last heard. Raises `MMINotImplemented` for 501, `ProtocolError` for a bad answer."""
+        return mmi.decode_workers(await self.mmi(mmi.WORKERS))
 
     def close(self) -> None:
         """Close every socket (linger 0: unsent requests are dropped) and the owned context."""

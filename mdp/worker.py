@@ -34,10 +34,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
@@ -59,6 +60,7 @@ from mdp.worker_core import (
 )
 
 __all__ = [
+    "Capacity",
     "ErrorReply",
     "Handler",
     "Request",
@@ -121,6 +123,12 @@ class WorkerOptions:
     socket_options: Sequence[tuple[int, int | bytes]] = ()
     """(option, value) pairs set on every socket before it connects, e.g.
     `mdp.security.curve_client_options(...)` for a CURVE broker."""
+    name: str | None = None
+    """The worker's name: every connection's routing id carries it (`mmi.worker_identity`),
+    so the broker lists the connections together in `mmi.workers` and refuses the name to any
+    other process (spec/mdp.md §5.1). None: anonymous connections."""
+    instance: str = field(default_factory=lambda: os.urandom(4).hex())
+    """This process's token in the routing ids (the same for every connection and broker)."""
 
     def __post_init__(self) -> None:
         check_endpoint(self.broker)
@@ -150,6 +158,9 @@ class Request:
     streaming: bool
     """True when PARTIALs reach the client (MDP/0.2); False under MDP/0.1."""
     _send_partial: Callable[[list[bytes]], None] = field(repr=False, default=lambda body: None)
+    alive: Callable[[], bool] = field(repr=False, default=lambda: True)
+    """False once the connection it came on was dropped: its FINAL can reach nobody (a handler
+    that waited, e.g. for a concurrency slot, should then not start anything)."""
 
     async def partial(self, body: list[bytes]) -> None:
         """Send a PARTIAL body (one or more frames) ahead of the FINAL; no-op under MDP/0.1."""
@@ -168,6 +179,39 @@ def _checked_body(body: object, what: str) -> list[bytes]:
     return frames
 
 
+class Capacity:
+    """A limit on the requests all the connections of one process hold at once, whichever
+    service and broker they came on (`mdp-worker --concurrency`, spec/command-service.md
+    §14.6). When they hold `limit`, every other idle connection that may pause does
+    (`WorkerCore.pause`: it unregisters, so no broker hands it work); when one is released they
+    register again. `slots` is the semaphore handlers take before they start anything, for
+    the requests that were already on their way when the connections paused."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the limit must be at least 1")
+        self.limit = limit
+        self.held = 0
+        self.slots = asyncio.Semaphore(limit)
+        self.workers: list[Worker] = []
+
+    def take(self, now: float) -> None:
+        self.held += 1
+        if self.held == self.limit:
+            for worker in self.workers:
+                if worker.pausable:
+                    worker._perform(worker.core.pause(now))
+                    worker._poke()
+
+    def release(self, now: float) -> None:
+        self.held -= 1
+        if self.held == self.limit - 1:
+            for worker in self.workers:
+                if worker.core.state is State.PAUSED:
+                    worker._perform(worker.core.resume(now))
+                    worker._poke()
+
+
 class Worker:
     """One MDP worker connection for one service: READY, heartbeats, requests, reconnects."""
 
@@ -179,6 +223,8 @@ class Worker:
         context: zmq.asyncio.Context | None = None,
         worker_id: str = "",
         clock: Callable[[], float] = time.monotonic,
+        capacity: Capacity | None = None,
+        pausable: bool = True,
     ) -> None:
         self.service = service
         self.options = options
@@ -192,6 +238,13 @@ class Worker:
         self._task: asyncio.Task[None] | None = None
         self._stop_grace: float | None = None  # set by stop(), consumed by the loop
         self._announced = False
+        self.capacity = capacity
+        """Shared with the process's other connections (see `Capacity`); None: no limit."""
+        self.pausable = pausable
+        """This connection unregisters while the capacity is full (False: one that must stay
+        reachable, e.g. for cancel messages)."""
+        if capacity is not None:
+            capacity.workers.append(self)
 
     # ---------------------------------------------------------------------------------------
     # Public
@@ -215,6 +268,10 @@ class Worker:
                     grace, self._stop_grace = self._stop_grace, None
                     self._perform(self.core.shutdown(self._clock(), grace))
                 self._perform(self.core.tick(self._clock()))
+                capacity = self.capacity
+                if capacity is not None and self.pausable and capacity.held >= capacity.limit:
+                    # A connection that came back (BACKOFF -> IDLE) while the process is full.
+                    self._perform(self.core.pause(self._clock()))
                 if self.core.state is State.CLOSED:
                     break
                 await self._wait(self.core.deadline)
@@ -280,6 +337,10 @@ class Worker:
     def _open(self) -> None:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.options.name is not None:
+            sock.setsockopt(
+                zmq.ROUTING_ID, mmi.worker_identity(self.options.name, self.options.instance)
+            )
         for option, value in self.options.socket_options:
             sock.setsockopt(option, value)
         sock.connect(self.options.broker)
@@ -295,9 +356,15 @@ class Worker:
             self._socket.close(linger=0)
             self._socket = None
             if reason and self.core.state is not State.CLOSED:
+                refused = not self._announced and self.core.drop_reason.startswith("DISCONNECT")
                 log.warning(
-                    "%s: lost the broker (%s); reconnecting%s",
+                    "%s: %s (%s); reconnecting%s",
                     self.worker_id,
+                    # A DISCONNECT before anything else answers our READY: a refusal.
+                    f"{self.options.broker} refused the registration (is the name "
+                    f"{self.options.name!r} in use by another worker? spec/mdp.md §5.1)"
+                    if refused and self.options.name is not None
+                    else "lost the broker",
                     self.core.drop_reason,
                     " once the running request ends" if self.core.busy else "",
                 )
@@ -332,7 +399,10 @@ class Worker:
             worker_id=self.worker_id,
             streaming=self.core.streaming,
             _send_partial=lambda body: self._perform(self.core.partial(token, body, self._clock())),
+            alive=lambda: self.core.state is State.BUSY and self.core.current_token == token,
         )
+        if self.capacity is not None:
+            self.capacity.take(self._clock())
         self._task = asyncio.create_task(self._handle(token, request), name=self.worker_id)
 
     async def _handle(self, token: int, request: Request) -> None:
@@ -343,6 +413,9 @@ class Worker:
         except Exception as exc:
             log.exception("%s: handler for %r failed", self.worker_id, self.service.name)
             body = self._error_reply(request, exc)
+        finally:
+            if self.capacity is not None:
+                self.capacity.release(self._clock())
         self._perform(self.core.final(token, body, self._clock()))
         self._poke()
 
@@ -370,11 +443,22 @@ async def serve(
     handle_signals: bool = True,
     started: Callable[[list[Worker]], None] | None = None,
     control: Sequence[Service] = (),
+    brokers: Sequence[str] = (),
+    control_concurrency: int = 1,
+    capacity: Capacity | None = None,
 ) -> None:
     """Run `concurrency` connections per service until SIGINT/SIGTERM (if `handle_signals`).
 
-    `control` services get one connection each: services that answer at once (such as a
-    worker-addressed cancel service), so they never wait behind the others' requests.
+    `control` services get `control_concurrency` connections each: services addressed to this
+    worker (`SERVICE@NAME`), whose cancel messages must not wait behind the others' requests.
+
+    `brokers`: serve through each of these endpoints at once (default: `options.broker` only),
+    with a full set of connections per broker (RFC 7: one DEALER per conversation). Each one
+    heartbeats and reconnects on its own.
+
+    `capacity`: a limit on the requests held at once over all these connections (see
+    `Capacity`); the first connection of each control service never pauses, so a cancel
+    message always finds one. Handlers should take `capacity.slots` before starting work.
 
     The first signal stops taking requests and gives running ones `options.grace` seconds; a
     second signal cancels them at once. Returns when every connection has closed.
@@ -382,15 +466,34 @@ async def serve(
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     context = zmq.asyncio.Context()
-    workers = [
-        Worker(service, options, context=context, worker_id=f"{service.name}#{i}")
-        for service in services
-        for i in range(concurrency)
-    ]
-    workers += [
-        Worker(service, options, context=context, worker_id=f"{service.name}#0")
-        for service in control
-    ]
+    endpoints = list(brokers) or [options.broker]
+    workers: list[Worker] = []
+    for k, endpoint in enumerate(endpoints):
+        each = options if endpoint == options.broker else replace(options, broker=endpoint)
+        suffix = f"@{k}" if len(endpoints) > 1 else ""
+        workers += [
+            Worker(
+                service,
+                each,
+                context=context,
+                worker_id=f"{service.name}#{i}{suffix}",
+                capacity=capacity,
+            )
+            for service in services
+            for i in range(concurrency)
+        ]
+        workers += [
+            Worker(
+                service,
+                each,
+                context=context,
+                worker_id=f"{service.name}#{i}{suffix}",
+                capacity=capacity,
+                pausable=i > 0,
+            )
+            for service in control
+            for i in range(control_concurrency)
+        ]
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
     received: list[int] = []

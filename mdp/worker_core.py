@@ -20,6 +20,8 @@ States (a connection is always in exactly one):
     ORPHANED  the socket was dropped (broker dead or DISCONNECT) while a handler was running;
               its reply can reach nobody, so a new socket is opened only once it has ended
               (the connection still takes at most one request at a time)
+    PAUSED    no socket, on purpose: the process runs all it may (a global concurrency limit,
+              `pause`), so this connection asks no broker for work until `resume`
     CLOSED    stopped for good
 
 Transitions (everything else is ignored, see `receive`):
@@ -36,6 +38,9 @@ Transitions (everything else is ignored, see `receive`):
     BUSY      handler PARTIAL (0.2 only)    Send PARTIAL                     BUSY
     BUSY      handler FINAL                 Send FINAL                       IDLE
     ORPHANED  handler FINAL                 (reply dropped)                  BACKOFF
+    IDLE      pause                         Send DISCONNECT, CloseSocket     PAUSED
+    PAUSED    resume                        OpenSocket, Send READY           IDLE
+    PAUSED    shutdown                      -                                CLOSED
     IDLE      shutdown                      Send DISCONNECT, CloseSocket     CLOSED
     BACKOFF   shutdown                      -                                CLOSED
     BUSY      shutdown                      (stopping: finish, then)         BUSY
@@ -47,6 +52,13 @@ Transitions (everything else is ignored, see `receive`):
 (* = shutdown requested.) Backoff: the first reconnection waits `backoff_initial`, each further
 one without any traffic from the broker in between doubles it, up to `backoff_max`; any valid
 command from the broker resets it.
+
+Pausing is how a worker says "busy" the RFC way: MDP has no such command, and an idle
+registered connection may be handed a request at any time, so a connection that must take no
+work unregisters (RFC 7/18: the worker MAY send DISCONNECT at any time) and sends READY again
+on a new socket (one READY per socket) when there is room. A REQUEST already on its way when we
+close is dropped with the socket, unstarted; the broker counts it lost with the worker and the
+client's retry rule applies (it never started, so it is re-sent).
 """
 
 from __future__ import annotations
@@ -88,6 +100,7 @@ class State(enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     ORPHANED = "orphaned"
+    PAUSED = "paused"
     CLOSED = "closed"
 
 
@@ -347,10 +360,24 @@ class WorkerCore:
             self._cancel_at = min(self._cancel_at, now + grace)
         if self.state is State.IDLE:
             return self._close(now)
-        if self.state is State.BACKOFF:
+        if self.state is State.BACKOFF or self.state is State.PAUSED:
             self.state = State.CLOSED
             return []
-        return self.tick(now)  # BUSY/ORPHANED: maybe the (new) grace is already over
+        return self.tick(now)
+
+    def pause(self, now: float) -> list[Action]:
+        """Take no work until `resume` (see the module docstring); only an IDLE connection
+        pauses: a BUSY one is not asking for work, and one in BACKOFF is not registered."""
+        if self.state is not State.IDLE or self.stopping:
+            return []
+        self.state = State.PAUSED
+        return [self._send(self._framing.command(Command.DISCONNECT), now), CloseSocket()]
+
+    def resume(self, now: float) -> list[Action]:
+        """Ask for work again after `pause`: a new socket and READY."""
+        if self.state is not State.PAUSED:
+            return []
+        return self._connect(now)  # BUSY/ORPHANED: maybe the (new) grace is already over
 
     # ---------------------------------------------------------------------------------------
     # Helpers

@@ -160,7 +160,7 @@ class CommandSpec(CommandFields):
 
     def display(self) -> str:
         """A one-line rendering, e.g. `shell: echo 'Hello, world!'`."""
-        if self.command_type == "shell":
+        if self.command_type.partition("@")[0] == "shell":  # shell@HOST too
             text = " ".join([self.command_name, *map(shlex.quote, self.parameters)])
         else:
             text = shlex.join([self.command_name, *self.parameters])

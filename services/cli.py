@@ -27,7 +27,7 @@ from mdp.cli_options import (
 )
 from mdp.endpoints import PrivateDirError, unauthenticated_endpoints
 from mdp.protocol import Version
-from mdp.worker import WorkerOptions, serve
+from mdp.worker import Capacity, WorkerOptions, serve
 from services.bodies import DEFAULT_MAX_RUN_LIMIT, DEFAULT_RUN_LIMIT
 from services.command import (
     CommandService,
@@ -87,12 +87,15 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
 @click.option(
     "-b",
     "--broker",
-    default=None,
+    "brokers",
+    multiple=True,
     show_envvar=True,
     metavar="ENDPOINT",
     callback=endpoint_callback(),
     help="The broker's ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH). Default: the broker of "
-    "this user on this machine, ipc://$XDG_RUNTIME_DIR/mdp/broker.sock (see mdp-broker --help).",
+    "this user on this machine, ipc://$XDG_RUNTIME_DIR/mdp/broker.sock (see mdp-broker --help). "
+    "Repeat it to serve through several brokers at once (a full set of connections on each; "
+    'see README "Several brokers"); --concurrency still bounds the total.',
 )
 @click.option(
     "-c",
@@ -101,17 +104,19 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
     default=1,
     show_default=True,
     show_envvar=True,
-    help="Independent broker connections per service. MDP gives a connection one request at "
-    "a time, so this is how many requests of a service this process runs at once.",
+    help="How many commands this process runs at once, in total: over all its services and "
+    "all its brokers. MDP gives a connection one request at a time, so each service gets this "
+    "many connections per broker, and a request that finds every slot taken waits for one.",
 )
 @click.option(
     "--name",
     default=None,
     show_envvar=True,
     metavar="NAME",
-    help="This worker's name (1-64 of A-Z a-z 0-9 . _ -; unique per broker). For each command "
-    "service it also registers SERVICE@NAME, which reaches this worker alone (cancel). "
-    "[default: the host name]",
+    help="This worker's name (1-64 of A-Z a-z 0-9 . _ -). For each command service it also "
+    "registers SERVICE@NAME, which reaches this worker alone (mdp-client --host, cancel). A name "
+    "given here is exclusive: a broker refuses a second process under it. [default: the host "
+    "name, shared by every worker of the host started without --name]",
 )
 @click.option(
     "--state-dir",
@@ -246,7 +251,7 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
 @click.version_option(__version__, "-V", "--version", prog_name="mdp-worker")
 def main(
     services: tuple[str, ...],
-    broker: str | None,
+    brokers: tuple[str, ...],
     concurrency: int,
     max_run_limit: float,
     default_run_limit: float,
@@ -313,8 +318,8 @@ def main(
     keys_from = "--curve-secret-key" if socket_options else None
     if not socket_options:
         socket_options, keys_from = key_set_peer_options("worker")
-    if broker is None:
-        broker = default_endpoint_or_fail()
+    if not brokers:
+        brokers = (default_endpoint_or_fail(),)
     child = ChildLimits(max_memory=max_memory, max_procs=max_procs, user=user)
     try:
         child.check_user()
@@ -363,17 +368,27 @@ def main(
             service.handler.tracker = watchdog
             service.handler.metrics = metrics
     control = control_services(hosted)
+    capacity = Capacity(concurrency)
+    for service in hosted:
+        if isinstance(service.handler, CommandService):
+            service.handler.limit = capacity.slots
+    brokers = tuple(dict.fromkeys(brokers))  # the same broker twice would split the name
     # Warnings only once every option is known to be good: a usage error says nothing else.
-    if not socket_options and unauthenticated_endpoints([broker]):
-        log.warning(
-            "connecting to %s without CURVE: nothing is encrypted or authenticated "
-            "(`mdp-keys init` makes keys the programs find)",
-            broker,
-        )
+    for broker in brokers:
+        if not socket_options and unauthenticated_endpoints([broker]):
+            log.warning(
+                "connecting to %s without CURVE: nothing is encrypted or authenticated "
+                "(`mdp-keys init` makes keys the programs find)",
+                broker,
+            )
     if as_root and user is None:
         log.warning("--allow-root: %s commands run as root", " and ".join(as_root))
     options = WorkerOptions(
-        broker=broker,
+        broker=brokers[0],
+        name=worker_name,
+        # spec/mdp.md §5.1: an explicit --name is this process's alone; the default (the host
+        # name) is shared by the workers of one host, which are then one host to --host.
+        **({} if name is not None else {"instance": "host"}),
         version=Version(mdp_version),
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
@@ -383,7 +398,7 @@ def main(
     log.info(
         "serving %s on %s as %r (MDP/%s, %d connection%s each, pid %d, watchdog pid %d, %s)",
         ", ".join(s.name for s in hosted),
-        broker,
+        " and ".join(brokers),
         worker_name,
         mdp_version,
         concurrency,
@@ -393,7 +408,18 @@ def main(
         f"CURVE with {keys_from}" if keys_from else "no CURVE",
     )
     try:
-        asyncio.run(serve(hosted, options, concurrency, control=control))
+        asyncio.run(
+            serve(
+                hosted,
+                options,
+                concurrency,
+                control=control,
+                brokers=brokers,
+                # One more than the commands it may run, so a cancel always finds a connection.
+                control_concurrency=concurrency + 1,
+                capacity=capacity,
+            )
+        )
     except KeyboardInterrupt:  # before the signal handlers were installed
         sys.exit(130)
     finally:

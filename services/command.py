@@ -22,6 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgpack
+
 from mdp.worker import Request, Service
 from services.bodies import (
     DEFAULT_MAX_RUN_LIMIT,
@@ -177,13 +179,18 @@ class CommandService:
         self.service_name: str = mode
         self.metrics: CommandMetrics | None = None
         """Prometheus counters of the answers (`mdp-worker --metrics-bind`), when on."""
+        self.limit: asyncio.Semaphore | None = None
+        """The worker's global concurrency limit (`mdp-worker --concurrency`), shared by every
+        command service and connection of the process, whichever broker a request came from
+        (spec §14.6). A request waits for a slot before anything about it is decided."""
 
     def service(self, name: str | None = None) -> Service:
         self.service_name = name or self.mode
         return Service(self.service_name, self, self.error_reply)
 
     def control_service(self) -> Service:
-        """`MODE@NAME`: the service addressed to this worker alone, for cancel (spec §14.3)."""
+        """`MODE@NAME`: the service addressed to this worker alone, for commands and cancel
+        (spec §14.3)."""
         return Service(f"{self.mode}@{self.settings.name}", self.control, self.error_reply)
 
     def _worker(self, request: Request) -> WorkerInfo:
@@ -192,7 +199,10 @@ class CommandService:
         )
 
     async def control(self, request: Request) -> list[bytes]:
-        """Answer a control message sent to `MODE@NAME`: today, cancel (spec §14.3)."""
+        """Answer a request sent to `MODE@NAME` (spec §14.3): a cancel message (a map with
+        `cancel`) is answered at once; anything else is a command, run like one sent to MODE."""
+        if not _is_cancel(request.body):
+            return await self(request)
         worker = self._worker(request)
         try:
             message = parse_cancel(request.body)
@@ -204,7 +214,10 @@ class CommandService:
         if run is not None:
             run.cancel()
             outcome = "cancelled"
-        elif self.cache.get((self.service_name, request_id)) is not None:
+        elif (
+            self.cache.get((self.service_name, request_id)) is not None
+            or self.cache.get((request.service, request_id)) is not None
+        ):
             outcome = "finished"
         else:
             self._remember_cancelled(request_id)
@@ -241,6 +254,18 @@ class CommandService:
         return None
 
     async def __call__(self, request: Request) -> list[bytes]:
+        limit = self.limit
+        if limit is None:
+            return await self._measured(request)
+        async with limit:
+            if not request.alive():
+                # Its connection closed while it waited for a slot: the client hears nothing
+                # from here and may send it elsewhere, so it must never start here.
+                message = "its broker connection closed before a slot was free; nothing ran"
+                return [_answer("expired", message, self._worker(request), None).pack()]
+            return await self._measured(request)
+
+    async def _measured(self, request: Request) -> list[bytes]:
         metrics = self.metrics
         if metrics is None:
             return await self._handle(request)
@@ -408,3 +433,14 @@ def _answer(
         worker=worker,
         request_id=request_id,
     )
+
+
+def _is_cancel(body: list[bytes]) -> bool:
+    """A control body sent to `MODE@NAME` (`{"cancel": id}`), as opposed to a command."""
+    if len(body) != 1:
+        return False
+    try:
+        message = msgpack.unpackb(body[0], raw=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return False
+    return isinstance(message, dict) and "cancel" in message

@@ -18,6 +18,10 @@ The state:
   deadline, next heartbeat time and the request it holds (at most one, per RFC 7/18).
 - `services`: per service name, a FIFO of waiting requests and an LRU queue of idle workers.
   A service exists while it has workers or queued requests.
+- `names`: per worker name (carried in a named worker's routing id, `mmi.worker_identity`), the
+  process instance that holds it and how many of its connections are registered. A name belongs
+  to one process at a time per broker: another process's READY under a name in use is refused
+  with DISCONNECT (spec/mdp.md §5.1); the name is free again once its last connection is gone.
 
 Requests a worker took are not resent when that worker dies: MDP workers may not be idempotent
 (our command services are not), so the client notices the silence and decides (spec/mdp.md,
@@ -32,6 +36,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from mdp import mmi
 from mdp.protocol import (
@@ -95,6 +100,7 @@ class BrokerStats:
     requests_requeued: int = 0
     workers_gone: int = 0
     oversized_messages: int = 0
+    names_refused: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """All counters by name."""
@@ -124,6 +130,8 @@ class Worker:
     delivery: list[bytes] | None = None
     """The REQUEST message last put in the outbox for it (to recognise its failed send)."""
     gone: bool = False
+    name: bytes | None = None
+    """The worker's name from its routing id (`mmi.split_identity`); None if it has none."""
 
 
 @dataclass(slots=True)
@@ -165,6 +173,8 @@ class BrokerCore:
         self.workers: dict[bytes, Worker] = {}
         self.services: dict[bytes, Service] = {}
         self.service_counts: dict[bytes, ServiceCounts] = {}
+        self.names: dict[bytes, list[Any]] = {}
+        """Worker name -> [instance, registered connections] (see the module docstring)."""
         self.outbox: list[list[bytes]] = []
         self.unauthenticated: tuple[str, ...] = ()
         """Endpoints on which the server accepts unauthenticated network peers (--insecure);
@@ -200,7 +210,7 @@ class BrokerCore:
     def _on_client_request(self, client: bytes, message: ClientRequest, now: float) -> None:
         service_name = message.service
         if mmi.is_mmi(service_name):
-            self._on_mmi(client, message)
+            self._on_mmi(client, message, now)
             return
         self.stats.requests += 1
         service = self.services.get(service_name)
@@ -264,7 +274,7 @@ class BrokerCore:
         else:  # a second READY
             self._disconnect(worker, unexpected=True)
 
-    def _on_mmi(self, client: bytes, message: ClientRequest) -> None:
+    def _on_mmi(self, client: bytes, message: ClientRequest, now: float) -> None:
         # RFC 8: the broker answers the mmi.* namespace itself.
         self.stats.mmi_requests += 1
         name = message.service
@@ -282,9 +292,35 @@ class BrokerCore:
             )
             self.outbox.append([client, *message.framing.final(name, services)])
             return
+        elif name == mmi.WORKERS:
+            body = mmi.encode_workers(self._worker_infos(now))
         else:
             body = mmi.NOT_IMPLEMENTED
         self.outbox.append([client, *message.framing.final(name, [body])])
+
+    def _worker_infos(self, now: float) -> list[mmi.WorkerInfo]:
+        """`mmi.workers`: the connections grouped by worker name (spec/mdp.md §5.1). Walks every
+        connection, so it costs O(workers) per call; only MMI requests pay for it."""
+        groups: dict[bytes, list[Worker]] = {}
+        for worker in self.workers.values():
+            key = worker.name if worker.name is not None else b"~" + worker.identity.hex().encode()
+            groups.setdefault(key, []).append(worker)
+        infos = []
+        for key, members in sorted(groups.items()):
+            in_flight = sum(1 for w in members if w.request is not None)
+            heard = max(w.expires_at for w in members) - self._expiry
+            infos.append(
+                mmi.WorkerInfo(
+                    name=_text(key),
+                    services=sorted({_text(w.service.name) for w in members}),
+                    version=",".join(sorted({f"MDP/{w.framing.version}" for w in members})),
+                    busy=in_flight > 0,
+                    in_flight=in_flight,
+                    connections=len(members),
+                    last_heard=max(0.0, now - heard),
+                )
+            )
+        return infos
 
     # ---------------------------------------------------------------------------------------
     # Worker lifecycle
@@ -295,6 +331,25 @@ class BrokerCore:
             # RFC 8: workers may not register in the mmi.* namespace.
             self._reject(identity, message.framing)
             return
+        named = mmi.split_identity(identity)
+        worker_name = None
+        if named is not None:
+            worker_name, instance = named
+            holder = self.names.get(worker_name)
+            if holder is None:
+                self.names[worker_name] = [instance, 1]
+            elif holder[0] == instance:
+                holder[1] += 1
+            else:
+                # spec/mdp.md §5.1: one process per name and broker; the second is refused.
+                self.stats.names_refused += 1
+                log.warning(
+                    "worker %s refused: the name %r is in use by another worker process",
+                    identity.hex(),
+                    _text(worker_name),
+                )
+                self._reject(identity, message.framing)
+                return
         service = self.services.get(name)
         if service is None:
             service = self._new_service(name)
@@ -304,6 +359,7 @@ class BrokerCore:
             message.framing,
             expires_at=now + self._expiry,
             heartbeat_at=now + self.config.heartbeat_interval,
+            name=worker_name,
         )
         self.workers[identity] = worker
         service.worker_count += 1
@@ -351,6 +407,11 @@ class BrokerCore:
         request it holds was never delivered: it goes to another worker or back in the queue."""
         del self.workers[worker.identity]
         worker.gone = True
+        if worker.name is not None:
+            holder = self.names[worker.name]
+            holder[1] -= 1
+            if not holder[1]:
+                del self.names[worker.name]
         service = worker.service
         service.worker_count -= 1
         request = worker.request

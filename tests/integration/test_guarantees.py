@@ -335,7 +335,7 @@ def test_cancel_through_the_worker_addressed_service_kills_the_group(
     marker = tmp_path / "pgid"
     worker = start_worker(broker, "w1", tmp_path)
     try:
-        wait_workers(broker, {"shell": 1, "shell@w1": 1})
+        wait_workers(broker, {"shell": 1, "shell@w1": 2})
         request_id = uuid.uuid4().hex
 
         async def scenario() -> tuple[str, str, str]:
@@ -361,7 +361,7 @@ def test_cancel_before_arrival_means_it_never_runs(broker: str, tmp_path: Path) 
     marker = tmp_path / "ran"
     worker = start_worker(broker, "w1", tmp_path)
     try:
-        wait_workers(broker, {"shell": 1, "shell@w1": 1})
+        wait_workers(broker, {"shell": 1, "shell@w1": 2})
 
         async def scenario() -> tuple[str, str]:
             async with Client(broker, timeout=5, retries=0) as client:
@@ -445,7 +445,7 @@ def test_stopping_the_client_cancels_its_command(
     worker = start_worker(broker, "w", tmp_path / "state")
     client: Process | None = None
     try:
-        wait_workers(broker, {"shell": 1, "shell@w": 1})
+        wait_workers(broker, {"shell": 1, "shell@w": 2})
         client = _start_client(broker, f"echo $$ > {marker}; exec sleep 40", tmp_path)
         wait_until(lambda: marker.exists() and marker.read_text().strip(), 10, what="start")
         pgid = int(marker.read_text())

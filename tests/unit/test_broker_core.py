@@ -533,3 +533,83 @@ def test_unroutable_reply_to_a_client_changes_nothing() -> None:
     ready02(b, b"W")
     b.unroutable(b"C", [b"C", C02, b"\x03", b"echo", b"x"], 0.1)
     assert set(b.workers) == {b"W"} and b.stats.unroutable == 1
+
+
+# --- mmi.workers and worker names (spec/mdp.md §5.1) --------------------------------------
+
+
+def _mmi_workers(b: BrokerCore, now: float) -> list[dict[str, object]]:
+    b.handle(b"C", [C02, b"\x01", b"mmi.workers", b""], now)
+    (reply,) = sent(b)
+    assert reply[:4] == [b"C", C02, b"\x03", b"mmi.workers"]
+    entries: list[dict[str, object]] = msgpack.unpackb(reply[4], raw=False)
+    return entries
+
+
+def test_mmi_workers_groups_connections_by_name_with_state_and_age() -> None:
+    from mdp import mmi
+
+    b = core()
+    one = mmi.worker_identity("web-1", "aaaa")
+    ready02(b, one, b"shell", now=0)
+    ready02(b, mmi.worker_identity("web-1", "aaaa"), b"shell@web-1", now=0)
+    ready01(b, b"\x00anon", b"echo", now=0)
+    sent(b)
+    request02(b, b"C1", b"shell")
+    sent(b)
+    entries = _mmi_workers(b, now=2.0)
+    assert entries == [
+        {
+            "name": "web-1",
+            "services": ["shell", "shell@web-1"],
+            "version": "MDP/0.2",
+            "busy": True,
+            "in_flight": 1,
+            "connections": 2,
+            "last_heard": 2.0,
+        },
+        {
+            "name": "~" + b"\x00anon".hex(),
+            "services": ["echo"],
+            "version": "MDP/0.1",
+            "busy": False,
+            "in_flight": 0,
+            "connections": 1,
+            "last_heard": 2.0,
+        },
+    ]
+    b.handle(one, [W02, b"\x05"], 2.5)  # a HEARTBEAT from one connection: heard at 2.5
+    assert _mmi_workers(b, now=3.0)[0]["last_heard"] == 0.5
+    assert (
+        mmi.decode_workers([mmi.encode_workers(mmi.decode_workers([mmi.encode_workers([])]))]) == []
+    )
+
+
+def test_a_name_belongs_to_one_process_per_broker() -> None:
+    from mdp import mmi
+
+    b = core()
+    ready02(b, mmi.worker_identity("web-1", "first"), b"shell")
+    assert sent(b) == []
+    impostor = mmi.worker_identity("web-1", "second")
+    ready02(b, impostor, b"shell@web-1")
+    assert sent(b) == [[impostor, W02, b"\x06"]]  # refused: DISCONNECT
+    assert b.stats.names_refused == 1 and impostor not in b.workers
+    # Once the holder's last connection is gone, the name is free again.
+    (holder,) = b.workers
+    b.handle(holder, [W02, b"\x06"], 1.0)
+    ready02(b, impostor, b"shell@web-1", now=1.0)
+    assert sent(b) == [] and impostor in b.workers
+
+
+def test_decode_workers_rejects_malformed_answers() -> None:
+    from mdp import mmi
+    from mdp.errors import ProtocolError
+
+    with pytest.raises(mmi.MMINotImplemented):
+        mmi.decode_workers([b"501"])
+    for bad in ([b"x", b"y"], [b"\xc1"], [msgpack.packb({"a": 1})], [msgpack.packb([{"name": 1}])]):
+        with pytest.raises(ProtocolError):
+            mmi.decode_workers(bad)
+    assert mmi.split_identity(b"mdpw/bad name/x/y") is None
+    assert mmi.split_identity(mmi.worker_identity("a.b_c-1", "i")) == (b"a.b_c-1", b"i")

@@ -393,3 +393,31 @@ def test_random_event_sequences_keep_the_core_consistent(
         assert core.busy == (core.state in (State.BUSY, State.ORPHANED))
         assert core.deadline >= 0
     assert all(count <= 1 for count in finals.values())
+
+
+# --- pause/resume (a global concurrency limit, the RFC way) -------------------------------
+
+
+def test_pause_unregisters_an_idle_connection_and_resume_registers_it_anew() -> None:
+    core = started()
+    actions = core.pause(1.0)
+    assert sent(actions) == [worker_framing(Version.V02).command(Command.DISCONNECT)]
+    assert isinstance(actions[-1], CloseSocket) and core.state is State.PAUSED
+    assert core.deadline == math.inf  # no heartbeats, no broker timeout while paused
+    assert core.tick(100.0) == []
+    assert core.receive(request(Version.V02, b"C", b"x"), 100.0) == []  # no socket: nothing
+    actions = core.resume(101.0)
+    assert isinstance(actions[0], OpenSocket)
+    assert sent(actions) == [[b"MDPW02", b"\x01", b"echo"]]
+    assert core.state is State.IDLE
+    assert core.tick(101.0 + HB / 2) == []  # the broker gets a full liveness period again
+
+
+def test_only_an_idle_connection_pauses_and_shutdown_ends_a_paused_one() -> None:
+    core = started()
+    core.receive(request(Version.V02, b"C", b"x"), 0.5)
+    assert core.pause(1.0) == [] and core.state is State.BUSY
+    assert core.resume(1.0) == []
+    idle = started()
+    idle.pause(1.0)
+    assert idle.shutdown(2.0, grace=5.0) == [] and idle.state is State.CLOSED
