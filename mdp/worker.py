@@ -179,6 +179,10 @@ def _checked_body(body: object, what: str) -> list[bytes]:
     return frames
 
 
+RESUME_DELAY = 0.05
+"""Seconds a freed slot must stay free before paused connections register again."""
+
+
 class Capacity:
     """A limit on the requests all the connections of one process hold at once, whichever
     service and broker they came on (`mdp-worker --concurrency`, spec/command-service.md
@@ -194,6 +198,7 @@ class Capacity:
         self.held = 0
         self.slots = asyncio.Semaphore(limit)
         self.workers: list[Worker] = []
+        self._resume: asyncio.TimerHandle | None = None
 
     def take(self, now: float) -> None:
         self.held += 1
@@ -205,11 +210,21 @@ class Capacity:
 
     def release(self, now: float) -> None:
         self.held -= 1
-        if self.held == self.limit - 1:
-            for worker in self.workers:
-                if worker.core.state is State.PAUSED:
-                    worker._perform(worker.core.resume(now))
-                    worker._poke()
+        if self.held < self.limit and self._resume is None:
+            # The connection that was released is registered again by its FINAL (RFC 7: a
+            # reply means ready) and usually takes the next queued request at once; resuming
+            # the others only if the room is still there a moment later keeps a saturated
+            # worker from closing and reopening every paused socket on each command.
+            self._resume = asyncio.get_running_loop().call_later(RESUME_DELAY, self._resume_all)
+
+    def _resume_all(self) -> None:
+        self._resume = None
+        if self.held >= self.limit:
+            return
+        for worker in self.workers:
+            if worker.core.state is State.PAUSED:
+                worker._perform(worker.core.resume(worker._clock()))
+                worker._poke()
 
 
 class Worker:

@@ -388,7 +388,7 @@ def main(
         name=worker_name,
         # spec/mdp.md §5.1: an explicit --name is this process's alone; the default (the host
         # name) is shared by the workers of one host, which are then one host to --host.
-        **({} if name is not None else {"instance": "host"}),
+        instance=os.urandom(4).hex() if name is not None else "host",
         version=Version(mdp_version),
         heartbeat_interval=heartbeat_ms / 1000,
         liveness=liveness,
