@@ -173,6 +173,7 @@ def idle(args: argparse.Namespace) -> dict[str, object]:
     endpoint = f"ipc://{tmp}/broker"
     broker = start_broker(endpoint, 2500)
     ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 2 * args.idle + 64)  # the default (1023) is below 2,000
     sockets = []
     try:
         for i in range(args.idle):
@@ -215,11 +216,11 @@ def idle(args: argparse.Namespace) -> dict[str, object]:
             "mmi_workers_ms": [round(ms, 2) for ms in answers],
         }
     finally:
+        broker.kill()  # SIGKILL: its graceful stop would say DISCONNECT to 2,000 peers first
+        broker.wait(timeout=30)
         for sock in sockets:
             sock.close(linger=0)
         ctx.term()
-        broker.terminate()
-        broker.wait(timeout=30)
 
 
 def main() -> None:
