@@ -2,7 +2,10 @@
 kill -9 of a broker and of a job service in the middle of a run; then a PostgreSQL restart.
 
 What the chaos test asserts, from the markers and from the database:
-- every acknowledged job reaches a terminal state; none ran twice (marker files);
+- every acknowledged job reaches a terminal state; none ran twice (marker files), but for
+  the one window MDP cannot close (README "Several brokers"): a REQUEST the killed broker
+  had delivered, whose `started` died with it, is dispatched again after its start deadline;
+  such a first run started within moments of the kill;
 - no job was claimed by two job services at once: a trigger the test installs logs every change
   of a job's claim and of a running job's owner; replayed per job, a claim is only ever taken
   while the job was unclaimed, and a running job changes owner only after its lease ran out
@@ -128,11 +131,15 @@ class Cluster:
         self.jobs[name] = start_pg_jobs(broker, self.url, name, *more)
 
     def command(self, i: int) -> dict[str, Any]:
-        return {"command_name": f"echo run >> {self.markers / str(i)}; sleep 0.1; echo {i}"}
+        return {"command_name": f"date +%s.%N >> {self.markers / str(i)}; sleep 0.1; echo {i}"}
+
+    def starts(self, i: int) -> list[float]:
+        """When each run of command `i` began (wall clock), from its marker file."""
+        path = self.markers / str(i)
+        return [float(t) for t in path.read_text().split()] if path.exists() else []
 
     def runs(self, i: int) -> int:
-        path = self.markers / str(i)
-        return len(path.read_text().splitlines()) if path.exists() else 0
+        return len(self.starts(i))
 
     def logs(self) -> str:
         out = []
@@ -247,11 +254,12 @@ def test_chaos_kill_9_of_a_broker_and_a_job_service_loses_nothing_runs_nothing_t
             return sum(j["state"] == "ok" for j in states.values()) >= 50
 
         wait_until(some_done, timeout=60, interval=0.1, what="50 jobs done")
+        killed_at = time.time()
         cluster.broker_procs[0].kill()
         cluster.jobs["jobs-b"].kill()
         cluster.broker_procs[0].wait(5)
         cluster.jobs["jobs-b"].wait(5)
-        killed_at = time.monotonic()
+        killed_mono = time.monotonic()
         # Submits go on meanwhile, through the brokers that are left.
         for job_id in ids[250:400]:
             if submitter.submit(job_id, cluster.command(int(job_id)), avoid=frozenset({b0})):
@@ -277,14 +285,25 @@ def test_chaos_kill_9_of_a_broker_and_a_job_service_loses_nothing_runs_nothing_t
     active = {i: j["state"] for i, j in final.items() if j["state"] in ACTIVE}
     assert not active, f"jobs still active: {active}\n{cluster.logs()}"
 
-    runs = {int(i): cluster.runs(int(i)) for i in acknowledged}
-    assert not {i: n for i, n in runs.items() if n > 1}, "a command ran more than once"
+    starts = {int(i): cluster.starts(int(i)) for i in acknowledged}
+    twice = {i: s for i, s in starts.items() if len(s) > 1}
+    # The one window MDP cannot close (see the module docstring): at most a few, each a run
+    # that began as broker b0 was killed, and never a third run.
+    assert all(len(s) == 2 and abs(s[0] - killed_at) < 1.0 for s in twice.values()), (
+        f"a command ran more than once: {twice} (kill at {killed_at})"
+    )
+    assert len(twice) <= 5, twice
     states = {i: j["state"] for i, j in final.items()}
     assert set(states.values()) <= {"ok", "lost"}, states
-    assert all(runs[int(i)] == 1 for i, s in states.items() if s == "ok")
+    assert all(
+        len(starts[int(i)]) == 1 for i, s in states.items() if s == "ok" and int(i) not in twice
+    )
     lost = [i for i, s in states.items() if s == "lost"]
     assert len(lost) <= 10, f"lost: {lost}"
-    print(f"all ended {time.monotonic() - killed_at:.1f}s after the kills; lost: {lost}")
+    print(
+        f"all ended {time.monotonic() - killed_mono:.1f}s after the kills;"
+        f" lost: {lost}; twice: {twice}"
+    )
     # The output is the command's, whoever followed it.
     with psycopg.connect(cluster.url) as conn:
         rows = conn.execute("SELECT id, result FROM mdp_jobs WHERE state = 'ok'").fetchall()
