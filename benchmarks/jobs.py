@@ -46,6 +46,34 @@ WORKER_CONCURRENCY = 8
 TERMINAL = ("ok", "failed", "timeout", "error", "invalid", "rejected", "cancelled", "lost")
 
 
+def _has_option(program: str, option: str) -> bool:
+    usage = subprocess.run([_script(program), "--help"], capture_output=True, text=True).stdout
+    return option in usage
+
+
+def _broker(endpoint: str) -> list[str]:
+    """mdp-broker on loopback tcp (no CURVE: --insecure where this broker requires it)."""
+    insecure = ["--insecure"] if _has_option("mdp-broker", "--insecure") else []
+    return [_script("mdp-broker"), "--bind", endpoint, "--log-level", "warning", *insecure]
+
+
+def _worker(endpoint: str) -> list[str]:
+    """mdp-worker for os (--allow-root when we are root and it has the option)."""
+    root = os.geteuid() == 0 and _has_option("mdp-worker", "--allow-root")
+    return [
+        _script("mdp-worker"),
+        "--service",
+        "os",
+        "--concurrency",
+        str(WORKER_CONCURRENCY),
+        "--broker",
+        endpoint,
+        "--log-level",
+        "warning",
+        *(["--allow-root"] if root else []),
+    ]
+
+
 def _script(name: str) -> str:
     candidate = Path(sys.executable).with_name(name)
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
@@ -179,7 +207,7 @@ def durable_submit(count: int, scratch: Path) -> Submit:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     db = scratch / f"submit-{time.monotonic_ns()}.sqlite3"
     with Procs() as procs:
-        procs.start([_script("mdp-broker"), "--bind", endpoint, "--log-level", "warning"])
+        procs.start(_broker(endpoint))
         procs.start(jobs_command(endpoint, db))
         _wait_service(endpoint, b"jobs.submit")
         time.sleep(1.0)  # every submit connection registered
@@ -200,11 +228,8 @@ def end_to_end(count: int, scratch: Path, through_jobs: bool) -> float:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     db = scratch / f"e2e-{time.monotonic_ns()}.sqlite3"
     with Procs() as procs:
-        procs.start([_script("mdp-broker"), "--bind", endpoint, "--log-level", "warning"])
-        worker = ["--service", "os", "--concurrency", str(WORKER_CONCURRENCY)]
-        procs.start(
-            [_script("mdp-worker"), *worker, "--broker", endpoint, "--log-level", "warning"]
-        )
+        procs.start(_broker(endpoint))
+        procs.start(_worker(endpoint))
         _wait_service(endpoint, b"os")
         if not through_jobs:
             body = msgpack.packb({"command_name": "true"})
