@@ -36,8 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgpack
-
 from services.jobs.store.base import (
     FAILED,
     TERMINAL,
@@ -53,6 +51,9 @@ from services.jobs.store.base import (
     SubmitOutcome,
     Tombstone,
 )
+from services.jobs.store.rows import COLUMNS as _COLUMNS
+from services.jobs.store.rows import job_from_row as _job
+from services.jobs.store.rows import pack as _pack
 
 __all__ = ["APPLICATION_ID", "MAX_BATCH", "SCHEMA_VERSION", "SQLiteStore"]
 
@@ -120,48 +121,8 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_COLUMNS = (
-    "seq, id, kind, service, request, state, created, attempts, claimed, started, worker, "
-    "finished, result, exit_code, message, cancel_requested, output_chunks, output_bytes, "
-    "output_truncated, output_purged, owner, lease_until"
-)
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
 _FAILED_SQL = ", ".join(f"'{s}'" for s in sorted(FAILED))
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _unpack(blob: bytes | None) -> Any:
-    return None if blob is None else msgpack.unpackb(blob, raw=False)
-
-
-def _job(row: Sequence[Any]) -> Job:
-    return Job(
-        seq=row[0],
-        id=row[1],
-        kind=row[2],
-        service=row[3],
-        request=list(_unpack(row[4])),
-        state=row[5],
-        created=row[6],
-        attempts=row[7],
-        claimed=row[8],
-        started=row[9],
-        worker=_unpack(row[10]),
-        finished=row[11],
-        result=None if row[12] is None else list(_unpack(row[12])),
-        exit_code=row[13],
-        message=row[14],
-        cancel_requested=bool(row[15]),
-        output_chunks=row[16],
-        output_bytes=row[17],
-        output_truncated=bool(row[18]),
-        output_purged=bool(row[19]),
-        owner=row[20],
-        lease_until=row[21],
-    )
 
 
 def _encode_change(name: str, value: Any) -> Any:
