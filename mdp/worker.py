@@ -82,6 +82,12 @@ ErrorReply = Callable[["Request", BaseException], list[bytes]]
 # Longest wait of the socket loop, whatever the deadlines say: a safety net, not a timer.
 _MAX_WAIT = 1.0
 
+# How long closing the socket at shutdown may wait to hand the last messages (a FINAL sent as the
+# grace period ended, the DISCONNECT) to the broker. Closing with linger 0 would discard them and
+# leave the client waiting for an answer that was already computed. Reconnects still use 0: what
+# is queued for a broker we gave up on is stale.
+_FLUSH_LINGER_MS = 1000
+
 
 def default_error_reply(request: Request, exc: BaseException) -> list[bytes]:
     """FINAL body for a failed plain handler: `[b"error", b"<ExceptionType>: <message>"]`."""
@@ -368,7 +374,8 @@ class Worker:
             self._recv.cancel()
             self._recv = None
         if self._socket is not None:
-            self._socket.close(linger=0)
+            closing = self.core.state is State.CLOSED
+            self._socket.close(linger=_FLUSH_LINGER_MS if closing else 0)
             self._socket = None
             if reason and self.core.state is not State.CLOSED:
                 refused = not self._announced and self.core.drop_reason.startswith("DISCONNECT")

@@ -552,6 +552,8 @@ def test_one_command_on_a_terminal_shows_its_output_as_it_comes(
     import select
 
     worker = start_worker(broker, "w", tmp_path)
+    # The client refuses a service with no worker at once (exit 69), so the worker comes first.
+    wait_workers(broker, {"shell": 1})
     master, slave = pty.openpty()
     path = tmp_path / "one.json"
     path.write_text(json.dumps(shell("echo early; sleep 3; echo late")))
@@ -563,7 +565,6 @@ def test_one_command_on_a_terminal_shows_its_output_as_it_comes(
     )
     os.close(slave)
     try:
-        wait_workers(broker, {"shell": 1})
         seen = b""
         deadline = time.monotonic() + 10
         while b"early" not in seen and time.monotonic() < deadline:
