@@ -42,10 +42,9 @@ JOB_STATES: Final = (
 TERMINAL_STATES: Final = frozenset(JOB_STATES[2:])
 WORKERS_SERVICE: Final = mmi.WORKERS
 """The fleet's MMI extension (issue 14): a msgpack list of one map per worker."""
-CALL_TIMEOUT: Final = 5.0
-"""Seconds a job-service call may stay silent (on top of a long poll's own wait)."""
 ATTEMPTS: Final = 3
-"""Attempts of a job-service call (they are all safe to repeat)."""
+"""Attempts of a job-service call (they are all safe to repeat); with several brokers each
+silent attempt moves on to the next one (`mdp.client.Client`)."""
 COUNT_CAP: Final = 10_000
 """Jobs counted per state at most (`count_jobs`): counting walks `jobs.list` pages."""
 
@@ -120,15 +119,17 @@ class Backend:
     async def call(self, service: str, body: dict[str, Any], *, wait: float = 0) -> dict[str, Any]:
         """One job-service request; the answer map when its `status` is `ok`.
 
-        An attempt silent for `CALL_TIMEOUT` (plus a long poll's `wait`) is sent again, up to
-        `ATTEMPTS` in all: every job service is safe to repeat (reads, cancel, and a submit
-        carries its own id, so a repeated one is the same job, spec/jobs.md §3.1). After the
-        first silence the broker is asked whether the service has a worker at all, so a missing
-        mdp-jobs is reported at once instead of after every attempt.
+        An attempt silent for the client's timeout (`mdp-web --timeout`, plus a long poll's
+        `wait`) is sent again, to the next broker when there are several, up to `ATTEMPTS` in
+        all (at least one per broker): every job service is safe to repeat (reads, cancel, and
+        a submit carries its own id, so a repeated one is the same job, spec/jobs.md §3.1).
+        After the first silence the (next) broker is asked whether the service has a worker at
+        all, so a missing mdp-jobs is reported at once instead of after every attempt.
         """
-        for attempt in range(ATTEMPTS):
+        timeout = self.client.timeout + wait
+        for attempt in range(max(ATTEMPTS, len(self.client.endpoints))):
             try:
-                return await self.jobs.call(service, body, timeout=CALL_TIMEOUT + wait, retries=0)
+                return await self.jobs.call(service, body, timeout=timeout, retries=0)
             except RequestTimeout:
                 if attempt == 0:
                     why = await self._why_silent(service)

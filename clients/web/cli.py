@@ -39,6 +39,7 @@ Exit codes:
 Examples:
   mdp-web                                   # http://127.0.0.1:8080, prints the sign-in URL
   mdp-web --broker tcp://127.0.0.1:5555 --bind 127.0.0.1:8080 --token-file ~/.config/mdp/web-token
+  mdp-web --broker tcp://b1:5555 --broker tcp://b2:5555 --broker tcp://b3:5555
   mdp-web --bind 0.0.0.0:8443 --tls-cert cert.pem --tls-key key.pem --allow-host ops.example.org
 """
 
@@ -47,13 +48,16 @@ Examples:
 @click.option(
     "-b",
     "--broker",
-    default=None,
+    "brokers",
+    multiple=True,
     show_envvar=True,
     callback=endpoint_callback(),
     metavar="ENDPOINT",
-    help="The broker to reach. Default: the same as mdp-client's, this user's broker on this "
-    "machine (ipc://$XDG_RUNTIME_DIR/mdp/broker.sock). With no key option but a key set from "
-    "`mdp-keys init`, its client key is used.",
+    help="A broker to reach; repeat it to give every broker of a scaled-out deployment "
+    '(README "Scaling out"): a request that goes silent for --timeout is sent again to the '
+    "next one, and later requests start at the one that answered last. Default: the same as "
+    "mdp-client's, this user's broker on this machine (ipc://$XDG_RUNTIME_DIR/mdp/broker.sock). "
+    "With no key option but a key set from `mdp-keys init`, its client key is used.",
 )
 @click.option(
     "--bind",
@@ -104,7 +108,8 @@ Examples:
     default=5.0,
     show_default=True,
     show_envvar=True,
-    help="Seconds a request to the broker may stay silent.",
+    help="Seconds a request to the broker may stay silent before it is sent again (to the next "
+    "--broker, if several); a long poll's own wait comes on top.",
 )
 @curve_options("client")
 @click.option(
@@ -116,7 +121,7 @@ Examples:
 )
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 def main(
-    broker: str | None,
+    brokers: tuple[str, ...],
     bind: str,
     token_file: str | None,
     allow_hosts: tuple[str, ...],
@@ -158,8 +163,8 @@ def main(
     options = curve_socket_options(curve_secret_key, curve_server_key)
     if not options:
         options, _ = key_set_peer_options("client")
-    if broker is None:
-        broker = default_endpoint_or_fail()
+    if not brokers:
+        brokers = (default_endpoint_or_fail(),)
     try:
         sock = _listen(host, port)
     except OSError as exc:
@@ -176,7 +181,7 @@ def main(
         click.echo(f"{PROG}: open {url} (token from {token_file})", err=True)
     _serve(
         sock,
-        broker,
+        list(dict.fromkeys(brokers)),
         Guard.for_bind(token, host, allow_hosts, secure=tls or behind_tls_proxy),
         timeout,
         options,
@@ -221,7 +226,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _serve(
     sock: socket.socket,
-    broker: str,
+    brokers: list[str],
     guard: Guard,
     timeout: float,
     options: list[tuple[int, int | bytes]],
@@ -234,7 +239,7 @@ def _serve(
     from clients.web.app import create_app
     from clients.web.backend import Backend
 
-    backend = Backend(Client(broker, timeout=timeout, socket_options=options))
+    backend = Backend(Client(brokers, timeout=timeout, socket_options=options))
     app = create_app(backend, guard)
     config = uvicorn.Config(
         app,

@@ -66,7 +66,7 @@ def _jobs_command() -> list[str]:
         return [sys.executable, "-c", "from services.jobs.cli import main; main()"]
 
 
-def _worker_flags() -> list[str]:
+def worker_flags() -> list[str]:
     """--allow-root when this mdp-worker has it and we are root (tests run as root in CI)."""
     if os.geteuid() != 0:
         return []
@@ -117,7 +117,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
                     "--concurrency",
                     "4",
                     *beat,
-                    *_worker_flags(),
+                    *worker_flags(),
                 ],
                 to_files=True,
             )

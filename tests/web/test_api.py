@@ -13,13 +13,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Process, free_tcp_endpoint, script, start_broker, wait_until
+from tests.integration.test_worker_harness import workers_of
+from tests.support import (
+    TEST_HEARTBEAT_MS,
+    TEST_LIVENESS,
+    Process,
+    free_tcp_endpoint,
+    script,
+    start_broker,
+    wait_until,
+)
 from tests.web.conftest import (
     Console,
     broker_has_insecure,
     printed_url,
     submit,
     wait_for_state,
+    worker_flags,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -367,6 +377,69 @@ def test_without_mdp_jobs_job_endpoints_say_503_at_once(tmp_path: Path) -> None:
     finally:
         web.stop()
         broker.stop()
+
+
+def test_given_two_brokers_the_console_keeps_working_when_one_is_killed(tmp_path: Path) -> None:
+    """README "Scaling out": mdp-web is given every broker; kill -9 of the one it uses costs
+    one silent attempt (--timeout), then requests go to the other."""
+    first, second = free_tcp_endpoint(), free_tcp_endpoint()
+    beat = ["--heartbeat-ms", str(TEST_HEARTBEAT_MS), "--liveness", str(TEST_LIVENESS)]
+    brokers = [start_broker(first), start_broker(second)]
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "token").write_text(token)
+    processes = [
+        Process(
+            [script("mdp-worker"), "-s", "shell", "--broker", first, "--broker", second,
+             "-c", "2", *beat, *worker_flags()],
+            to_files=True,
+        ),
+        # Jobs go through the broker that survives; jobs.* are served on both.
+        Process(
+            [script("mdp-jobs"), "--broker", second, "--also-broker", first,
+             "--db", str(tmp_path / "jobs.sqlite3"), *beat],
+            to_files=True,
+        ),
+    ]  # fmt: skip
+    web = Process(
+        [
+            *(script("mdp-web"), "--broker", first, "--broker", second, "--timeout", "1"),
+            *("--bind", "127.0.0.1:0", "--token-file", str(tmp_path / "token")),
+        ],
+        to_files=True,
+    )
+    processes.append(web)
+    try:
+        url = wait_until(lambda: printed_url(web), timeout=20, what="mdp-web's URL")
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+
+            def ready() -> bool:
+                names = {s["name"] for s in http.get("/api/v1/services").json()["services"]}
+                return {"shell", "jobs.submit"} <= names
+
+            wait_until(ready, timeout=20, interval=0.1, what="the services on the first broker")
+            before = submit(http, command_type="shell", command_name="echo before")
+            assert wait_for_state(http, before, {"ok"}, timeout=20)["state"] == "ok"
+            brokers[0].kill()
+            brokers[0].wait(5)
+            started = time.monotonic()
+            after = submit(http, command_type="shell", command_name="echo after")
+            assert time.monotonic() - started < 10  # one silent attempt, then the second broker
+            assert wait_for_state(http, after, {"ok"}, timeout=20)["state"] == "ok"
+            result = http.get(f"/api/v1/jobs/{before}/result")
+            assert result.status_code == 200 and result.json()["result"]["stdout"] == "before\n"
+            assert http.get("/api/v1/workers").status_code == 200
+            # And the other way round (whichever broker it used, one of the kills hit it):
+            # with the second broker gone, submits are acknowledged through the first.
+            brokers[0] = start_broker(first)
+            wait_until(lambda: workers_of(first, "jobs.submit") > 0, timeout=20, what="re-READY")
+            brokers[1].kill()
+            brokers[1].wait(5)
+            queued = submit(http, command_type="shell", command_name="echo queued")
+            assert http.get(f"/api/v1/jobs/{queued}").json()["state"] == "queued"
+    finally:
+        for proc in [*processes, *brokers]:
+            proc.stop()
 
 
 def test_a_non_loopback_bind_without_tls_is_refused(tmp_path: Path) -> None:
