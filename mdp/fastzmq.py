@@ -94,3 +94,13 @@ def recv_frames_limited(sock: zmq.Socket[bytes], limit: int) -> list[bytes]:
 def readable(sock: zmq.Socket[bytes]) -> bool:
     """True if a whole message is waiting (cheaper than catching zmq.Again)."""
     return bool(_get(sock, _EVENTS) & POLLIN)
+
+
+def recv_bytes(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """`recv_frames`, but every frame as bytes (for peers whose handlers want bytes)."""
+    frame = _recv(sock, NOBLOCK, False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        parts.append(frame.bytes)
+    return parts

@@ -34,18 +34,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from mdp import mmi
 from mdp.endpoints import check_endpoint, default_endpoint
+from mdp.fastzmq import readable, recv_bytes, send_frames
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, Version, validate_service_name
 from mdp.worker_core import (
     Action,
@@ -252,10 +253,17 @@ class Worker:
         self.worker_id = worker_id or f"{service.name}#0"
         self.core = WorkerCore(options.config(service.name))
         self._context = context or zmq.asyncio.Context.instance()
+        # Plain (not asyncio) sockets on the same ZeroMQ context: see "The socket loop".
+        self._plain_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(
+            self._context.underlying
+        )
         self._clock = clock
-        self._socket: zmq.asyncio.Socket | None = None
-        self._recv: asyncio.Future[list[bytes]] | None = None
+        self._socket: zmq.Socket[bytes] | None = None
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._check_soon = False
         self._wake: asyncio.Future[None] | None = None
+        self._sleep_until = -math.inf  # when the sleeping run() wakes anyway (-inf: awake)
         self._task: asyncio.Task[None] | None = None
         self._stop_grace: float | None = None  # set by stop(), consumed by the loop
         self._announced = False
@@ -282,6 +290,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until `stop()` completes the shutdown."""
+        self._loop = asyncio.get_running_loop()
         try:
             self._perform(self.core.start(self._clock()))
             while True:
@@ -301,29 +310,58 @@ class Worker:
 
     # ---------------------------------------------------------------------------------------
     # The socket loop
+    #
+    # No future per message: the socket is a plain DEALER whose file descriptor the event loop
+    # watches (`add_reader`). ZeroMQ signals that descriptor edge-wise ("look again"), so a
+    # readable socket is drained until ZMQ_EVENTS has no POLLIN, and after every send it is
+    # asked again (a send may process the signal of a message that arrived meanwhile). Each
+    # message goes to the core from the reader callback. `run()` itself only sleeps until the
+    # core's deadline; it is woken early when an event moved that deadline earlier (or closed
+    # the connection), which steady traffic never does: sends and receives only push it later.
 
     async def _wait(self, deadline: float) -> None:
-        """Wait for a message, a wake-up or the deadline, whichever comes first."""
-        timeout = min(max(0.0, deadline - self._clock()), _MAX_WAIT)
-        if self._wake is None or self._wake.done():
-            self._wake = asyncio.get_running_loop().create_future()
-        waiting: set[asyncio.Future[Any]] = {self._wake}
-        if self._socket is not None:
-            if self._recv is None:
-                self._recv = asyncio.ensure_future(self._socket.recv_multipart())
-            waiting.add(self._recv)
-        await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if self._recv is not None and self._recv.done():
-            recv, self._recv = self._recv, None
+        """Sleep until the deadline (at most _MAX_WAIT) or until `_poke()`."""
+        loop = asyncio.get_running_loop()
+        until = min(deadline, self._clock() + _MAX_WAIT)
+        wake = self._wake = loop.create_future()
+        self._sleep_until = until
+        timer = loop.call_later(max(0.0, until - self._clock()), self._poke)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._sleep_until = -math.inf
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _poke_if_needed(self) -> None:
+        """Wake `run()` if the core's deadline is now earlier than its sleep, or it closed."""
+        core = self.core
+        if core.deadline < self._sleep_until or core.state is State.CLOSED:
+            self._poke()
+
+    def _readable(self) -> None:
+        """The socket's descriptor fired (or a send found input waiting): drain it."""
+        self._check_soon = False
+        sock = self._socket
+        core = self.core
+        clock = self._clock
+        while sock is not None:
             try:
-                frames = recv.result()
-            except (zmq.ZMQError, asyncio.CancelledError) as exc:
+                if not readable(sock):
+                    break
+                frames = recv_bytes(sock)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:
                 log.warning("%s: receive failed: %s", self.worker_id, exc)
-                return
+                break
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: <- %r", self.worker_id, frames)
-            self._perform(self.core.receive(frames, self._clock()))
-            if self.core.heard_from_broker and not self._announced:
+            self._perform(core.receive(frames, clock()))
+            if not self._announced and core.heard_from_broker:
                 self._announced = True
                 log.info(
                     "%s: registered with %s as %r (MDP/%s)",
@@ -332,10 +370,8 @@ class Worker:
                     self.service.name,
                     self.options.version,
                 )
-
-    def _poke(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+            sock = self._socket  # a DISCONNECT closes it
+        self._poke_if_needed()
 
     def _perform(self, actions: list[Action]) -> None:
         for action in actions:
@@ -356,7 +392,8 @@ class Worker:
             self._task.cancel()
 
     def _open(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
+        assert self._loop is not None
+        sock = self._plain_context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.options.name is not None:
             sock.setsockopt(
@@ -366,14 +403,15 @@ class Worker:
             sock.setsockopt(option, value)
         sock.connect(self.options.broker)
         self._socket = sock
+        self._fd = int(sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._readable)
         self._announced = False
         log.debug("%s: connecting to %s", self.worker_id, self.options.broker)
 
     def _close(self, reason: bool = False) -> None:
-        if self._recv is not None:
-            self._recv.cancel()
-            self._recv = None
         if self._socket is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._fd)
             closing = self.core.state is State.CLOSED
             self._socket.close(linger=_FLUSH_LINGER_MS if closing else 0)
             self._socket = None
@@ -397,17 +435,23 @@ class Worker:
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: -> %r", self.worker_id, frames)
-        # (ensure_future returns pyzmq's own future; it only gives it a precise type)
-        sent = asyncio.ensure_future(sock.send_multipart(frames, flags=zmq.NOBLOCK))
-        # With NOBLOCK the future is settled at once: sent, or zmq.Again when the queue to the
-        # broker is full (it is not there). The message is then lost like any other in flight
-        # to a dead broker; heartbeating notices and we reconnect.
-        if sent.done():
-            exc = sent.exception()
-            if exc is not None:
-                log.warning("%s: message to the broker dropped: %s", self.worker_id, exc)
-        else:  # pragma: no cover - pyzmq settles NOBLOCK sends synchronously
-            sent.add_done_callback(lambda f: f.exception())
+        try:
+            send_frames(sock, frames)
+        except zmq.ZMQError as exc:
+            # zmq.Again: the queue to the broker is full (it is not there). The message is
+            # lost like any other in flight to a dead broker; heartbeating notices and we
+            # reconnect.
+            log.warning("%s: message to the broker dropped: %s", self.worker_id, exc)
+        # The send may have consumed the descriptor's edge for a message that arrived
+        # meanwhile: if one waits, drain it soon (not here: we may be inside `_perform`).
+        if not self._check_soon and self._loop is not None:
+            try:
+                waiting = readable(sock)
+            except zmq.ZMQError:
+                waiting = False
+            if waiting:
+                self._check_soon = True
+                self._loop.call_soon(self._readable)
 
     # ---------------------------------------------------------------------------------------
     # Handlers
@@ -439,7 +483,7 @@ class Worker:
             if self.capacity is not None:
                 self.capacity.release(self._clock())
         self._perform(self.core.final(token, body, self._clock()))
-        self._poke()
+        self._poke_if_needed()
 
     def _error_reply(self, request: Request, exc: BaseException) -> list[bytes]:
         try:
