@@ -11,7 +11,8 @@ write end of a pipe to it. Over the pipe the worker says which process groups it
 (`+PGID`) and which have ended (`-PGID`). The kernel closes the pipe when the worker exits,
 however it exits; the watchdog then sends SIGTERM to every group still recorded, SIGKILL after
 `KILL_GRACE` seconds, removes its state file and exits. Cost to the worker: one small pipe write
-per command start and end; all bookkeeping happens in the watchdog.
+per command start and end; all bookkeeping happens in the watchdog, which reads in batches
+(`BATCH_DELAY`) so that those writes rarely have to wake it.
 
 The watchdog also records the groups in a state file (one "PGID STARTTIME" line each, STARTTIME
 being the group leader's start time in clock ticks since boot, /proc/PID/stat field 22), which
@@ -44,6 +45,12 @@ log = logging.getLogger("services.watchdog")
 
 KILL_GRACE = 1.0
 """Seconds between SIGTERM and SIGKILL when the worker is gone."""
+BATCH_DELAY = 0.02
+"""After handling what it read, the watchdog sleeps this long before reading again, so that the
+lines of a busy worker are handled in batches: its writes then find no sleeping reader to wake
+(a pipe write that wakes a process costs the worker a context switch), and a group that
+started and ended within one batch costs the watchdog nothing. The price: the worker's death
+is noticed, and the state file updated, up to this much later."""
 STARTUP_TIMEOUT = 5.0
 SUFFIX = ".groups"
 
@@ -254,18 +261,25 @@ def _main(state_file: str) -> int:
             break
         pending += chunk
         *lines, pending = pending.split(b"\n")
+        # In order, but a group is looked up in /proc only if it is still recorded as running
+        # at the end of the batch (a short command's +PGID and -PGID often come together).
+        added: dict[int, None] = {}
         for line in lines:
             try:
                 pgid = int(line[1:])
             except ValueError:
                 continue
             if line[:1] == b"+":
-                stat = _stat(pgid)
-                if stat is not None:  # else it has already ended: nothing to watch
-                    groups[pgid] = stat[1]
+                added[pgid] = None
             else:
+                added.pop(pgid, None)
                 groups.pop(pgid, None)
+        for pgid in added:
+            stat = _stat(pgid)
+            if stat is not None:  # else it has already ended: nothing to watch
+                groups[pgid] = stat[1]
         _save(fd, groups)
+        time.sleep(BATCH_DELAY)
     if groups:
         _end_groups(groups)
     with contextlib.suppress(OSError):
