@@ -281,13 +281,16 @@ def run_command(
     if pythonpath:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
-    with tempfile.TemporaryFile() as stderr_file:
+    with tempfile.TemporaryFile() as stderr_file, tempfile.TemporaryDirectory() as workdir:
         worker = subprocess.Popen(
             worker_command(broker.endpoint, concurrency),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr_file,
             env=env,
+            # Not the checkout: the worker starts its watchdog with `python -m`, which puts the
+            # working directory first on sys.path (ahead of `pythonpath`).
+            cwd=workdir,
         )
         spy = _start_py_spy(worker.pid, py_spy) if py_spy else None
         try:
