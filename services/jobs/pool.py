@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 
+from mdp.fastzmq import readable, recv_bytes, send_frames
 from mdp.worker import Request, Service, WorkerOptions, default_error_reply
 from mdp.worker_core import (
     Action,
@@ -100,6 +102,7 @@ class WorkerPool:
         ]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self._sleep_until = -math.inf  # when the sleeping timer wakes anyway (-inf: awake)
         self._stop_grace: float | None = None
 
     def stop(self, grace: float | None = None) -> None:
@@ -133,8 +136,14 @@ class WorkerPool:
                 if not open_:
                     return
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, earliest - self._clock()))
+                self._sleep_until = earliest
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._wake.wait(), max(0.0, earliest - self._clock())
+                        )
+                finally:
+                    self._sleep_until = -math.inf
         finally:
             await self._teardown()
 
@@ -181,13 +190,13 @@ class WorkerPool:
         if sock is None:
             return
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            send_frames(sock, frames)
         except zmq.Again:
             # The queue to the broker is full (it is not there): lost like any message in
             # flight to a dead broker; heartbeating notices and we reconnect.
             log.warning("%s: message to the broker dropped", conn.worker_id)
-        if not conn.check_soon and self._loop is not None:
-            # A send may have consumed the descriptor's edge: look for input again.
+        if not conn.check_soon and self._loop is not None and readable(sock):
+            # The send consumed the descriptor's edge of a message that waits: drain it soon.
             conn.check_soon = True
             self._loop.call_soon(self._readable, conn)
 
@@ -196,9 +205,9 @@ class WorkerPool:
         sock = conn.sock
         while sock is not None:
             try:
-                if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if not readable(sock):
                     break
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                frames = recv_bytes(sock)
             except zmq.Again:
                 break
             except zmq.ZMQError as exc:
@@ -206,7 +215,13 @@ class WorkerPool:
                 break
             self._perform(conn, conn.core.receive(frames, self._clock()))
             sock = conn.sock
-        self._wake.set()  # deadlines may have moved (liveness refreshed, a new socket)
+        self._wake_if_earlier(conn)
+
+    def _wake_if_earlier(self, conn: _Connection) -> None:
+        """Wake the timer if this connection now needs it before the timer's own wake-up (a
+        new socket, a DISCONNECT); steady traffic only moves deadlines later."""
+        if conn.core.deadline < self._sleep_until or _closed(conn.core):
+            self._wake.set()
 
     # --- handlers ------------------------------------------------------------------------
 
