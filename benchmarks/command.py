@@ -428,8 +428,18 @@ PROFILE_CATEGORIES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
         ("parse_request", "BaseModel.", "pack", "unpack", "_Body.", "model_"),
     ),
     (
-        "MDP messaging (zmq.asyncio socket, worker core and loop)",
-        ("Worker.", "WorkerCore.", "_AsyncSocket.", "Socket.", "Request.", "_checked_body"),
+        "MDP messaging (socket calls, worker core and loop)",
+        (
+            "Worker.",
+            "WorkerCore.",
+            "_AsyncSocket.",
+            "Socket.",
+            "Request.",
+            "_checked_body",
+            "send_frames",
+            "recv_bytes",
+            "readable",
+        ),
     ),
     ("the command service's own steps", ("CommandService.",)),
 )
