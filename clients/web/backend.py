@@ -42,6 +42,8 @@ JOB_STATES: Final = (
 TERMINAL_STATES: Final = frozenset(JOB_STATES[2:])
 WORKERS_SERVICE: Final = mmi.WORKERS
 """The fleet's MMI extension (issue 14): a msgpack list of one map per worker."""
+PROBE_AFTER: Final = 0.5
+"""Seconds of silence after which the broker is asked whether the service has a worker."""
 ATTEMPTS: Final = 3
 """Attempts of a job-service call (they are all safe to repeat); with several brokers each
 silent attempt moves on to the next one (`mdp.client.Client`)."""
@@ -123,33 +125,49 @@ class Backend:
         `wait`) is sent again, to the next broker when there are several, up to `ATTEMPTS` in
         all (at least one per broker): every job service is safe to repeat (reads, cancel, and
         a submit carries its own id, so a repeated one is the same job, spec/jobs.md §3.1).
-        After the first silence the (next) broker is asked whether the service has a worker at
-        all, so a missing mdp-jobs is reported at once instead of after every attempt.
+
+        A broker queues a request for a service nobody serves without a word, so silence is
+        all a missing mdp-jobs looks like. With one broker, an attempt still silent after
+        `PROBE_AFTER` makes it say whether the service has a worker at all (the attempt keeps
+        waiting meanwhile): a missing mdp-jobs is reported at once, not after a silent attempt.
+        With several, one broker without the service says nothing of the others: the (next)
+        broker is asked after the first silent attempt.
         """
         timeout = self.client.timeout + wait
+        early = len(self.client.endpoints) == 1
         for attempt in range(max(ATTEMPTS, len(self.client.endpoints))):
+            pending = asyncio.ensure_future(
+                self.jobs.call(service, body, timeout=timeout, retries=0)
+            )
             try:
-                return await self.jobs.call(service, body, timeout=timeout, retries=0)
+                if early and attempt == 0:
+                    done, _ = await asyncio.wait({pending}, timeout=PROBE_AFTER)
+                    if not done and await self._present(service) is False:
+                        raise BackendError(503, _absent(service))
+                return await pending
             except RequestTimeout:
                 if attempt == 0:
-                    why = await self._why_silent(service)
-                    if why is not None:
-                        raise BackendError(503, why) from None
+                    present = await self._present(service)
+                    if present is None:
+                        raise BackendError(503, "the broker did not answer") from None
+                    if not present:
+                        raise BackendError(503, _absent(service)) from None
             except JobsError as exc:
                 raise _refusal(service, exc) from None
             except MDPError as exc:
                 raise BackendError(502, f"{service}: {exc}") from None
+            finally:
+                if not pending.done():
+                    pending.cancel()  # abandons the attempt: its socket is closed
+                    pending.add_done_callback(_retrieve)
         raise BackendError(503, f"{service} did not answer in time")
 
-    async def _why_silent(self, service: str) -> str | None:
-        """Why `service` is silent when nobody serves it (None: it has workers, retry)."""
+    async def _present(self, service: str) -> bool | None:
+        """Whether `service` has a worker (`mmi.service`); None when the broker cannot say."""
         try:
-            present = await self.client.service_exists(service)
+            return await self.client.service_exists(service)
         except (RequestTimeout, MDPError):
-            return "the broker did not answer"
-        if not present:
-            return f"no worker serves {service}: is mdp-jobs running?"
-        return None
+            return None
 
     async def submit(self, service: str, request: dict[str, Any]) -> dict[str, Any]:
         """`jobs.submit`: {"id", "state", "created"}."""
@@ -230,6 +248,16 @@ class Backend:
 
         counts = await asyncio.gather(*(count(s) for s in JOB_STATES))
         return dict(zip(JOB_STATES, counts, strict=True))
+
+
+def _absent(service: str) -> str:
+    return f"no worker serves {service}: is mdp-jobs running?"
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Fetch an abandoned attempt's outcome, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _refusal(service: str, exc: JobsError) -> BackendError:
