@@ -124,7 +124,10 @@ class BrokerSubject:
             raise StartError(f"the broker could not be restarted: {self.broken}")
         if self.process is not None and not self.process.alive():
             self._start()  # it died outside a case (between cases): start it again
-        harness = Harness(self.context, self.target())
+        process = self.process
+        harness = Harness(
+            self.context, self.target(), dead=lambda: process is not None and not process.alive()
+        )
         try:
             yield harness
         finally:

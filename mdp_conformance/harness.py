@@ -301,9 +301,17 @@ class Worker(Peer):
 class Harness:
     """Every socket one test opens, polled together."""
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], target: BrokerTarget) -> None:
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        target: BrokerTarget,
+        dead: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.context = context
         self.target = target
+        self.dead = dead
+        """True once the broker under test has exited (a broker the suite started): a wait
+        for something from it then ends at once instead of at its deadline."""
         self.peers: list[Peer] = []
         self._by_socket: dict[zmq.Socket[bytes], Peer] = {}
         self._poller: zmq.Poller | None = None
@@ -412,6 +420,9 @@ class Harness:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"timed out after {timeout:.2f}s waiting for {what}")
+            if self.dead():
+                # The runner reports the death itself (with the broker's last output).
+                raise AssertionError(f"the broker exited while waiting for {what}")
             self.pump(min(remaining, self.tick_s))
 
     # -- common checks
