@@ -61,6 +61,10 @@ def _body(value: object, what: str) -> list[bytes]:
     return frames
 
 
+FLUSH_LINGER_MS = 1000
+"""How long closing a connection at shutdown may take to hand over its last messages."""
+
+
 def _closed(core: WorkerCore) -> bool:
     return core.state is State.CLOSED
 
@@ -179,8 +183,11 @@ class WorkerPool:
             return
         if self._loop is not None:
             self._loop.remove_reader(conn.fd)
-        sock.close(linger=0)
-        if conn.core.state is not State.CLOSED:
+        # At shutdown the last FINAL and the DISCONNECT were just queued: give them a moment to
+        # reach the broker (linger 0 would drop them). A connection given up on sends nothing.
+        closing = conn.core.state is State.CLOSED
+        sock.close(linger=FLUSH_LINGER_MS if closing else 0)
+        if not closing:
             log.warning(
                 "%s: lost the broker (%s); reconnecting", conn.worker_id, conn.core.drop_reason
             )

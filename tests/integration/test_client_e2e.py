@@ -247,12 +247,15 @@ def test_broker_down_at_start_exits_69_within_a_second(tmp_path: Path) -> None:
     endpoint = free_tcp_endpoint()
     path = write(tmp_path, {"command_type": "os", "command_name": "true"})
     start = time.monotonic()
-    result = run_client(endpoint, path, "--retries", "2", "--timeout", "5")
+    result = run_client(endpoint, path, "--retries", "2", "--timeout", "10")
     elapsed = time.monotonic() - start
     assert result.returncode == 69
     assert f"cannot reach the broker at {endpoint}: connection refused" in result.stderr
     assert "Traceback" not in result.stderr
-    assert elapsed < 1.0 + 1.5  # the client's own start-up included
+    # Said long before even one attempt's 10 s timeout (waiting for all three would take 30 s).
+    # This bound includes the program's start-up, which takes seconds on a busy machine; the
+    # client's own "within about a second" is tests/unit/test_clients_cli.py's (in-process).
+    assert elapsed < 5
 
 
 def test_stream_shows_output_live_prefixed(system: str, tmp_path: Path) -> None:
@@ -404,14 +407,18 @@ def test_100_sleeps_parallel_50_on_two_workers_of_25(tmp_path: Path) -> None:
     )
     try:
         wait_for_workers(endpoint, {"os": 50})
-        start = time.monotonic()
-        result = run_client(endpoint, path, "--parallel", "50", "--jsonl", "--timeout", "5")
-        elapsed = time.monotonic() - start
+        result = run_client(endpoint, path, "--parallel", "50", "--json", "--timeout", "5")
     finally:
         for w in workers:
             w.stop()
         broker.stop()
     assert result.returncode == 0, result.stderr
-    statuses = [json.loads(line)["status"] for line in result.stdout.splitlines()]
-    assert statuses == ["ok"] * 100
-    assert elapsed < 5, f"took {elapsed:.2f} s"
+    report = json.loads(result.stdout)
+    assert [r["status"] for r in report["results"]] == ["ok"] * 100
+    pids = {r["workers"][0]["pid"] for r in report["results"]}
+    assert pids == {w.pid for w in workers}  # both workers ran commands
+    # Two rounds of 50 one-second sleeps: about 2 s (serially per worker: 50 s).
+    # The client's own measure (from its first send): its start-up on a busy machine is not
+    # what this is about.
+    elapsed = report["summary"]["elapsed_ms"] / 1000
+    assert elapsed < 4.5, f"took {elapsed:.2f} s"

@@ -169,11 +169,16 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
 def wait_for_state(http: httpx.Client, job_id: str, states: set[str], timeout: float = 30) -> dict:
     """Poll the API until the job is in one of `states`; the job."""
 
+    last: list[dict] = [{}]
+
     def reached() -> dict | None:
-        job = http.get(f"/api/v1/jobs/{job_id}").json()
+        job = last[0] = http.get(f"/api/v1/jobs/{job_id}").json()
         return job if job.get("state") in states else None
 
-    return wait_until(reached, timeout=timeout, interval=0.05, what=f"job {job_id} in {states}")
+    try:
+        return wait_until(reached, timeout=timeout, interval=0.05, what=f"job {job_id} in {states}")
+    except AssertionError as exc:  # say where it stuck: queued (no free slot?) or running
+        raise AssertionError(f"{exc}; last seen: {last[0]}") from None
 
 
 def submit(http: httpx.Client, **command: object) -> str:
