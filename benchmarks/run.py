@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         (render_dir / "RESULTS.md").write_text(
             render(data, data.command_line or "python -m benchmarks.run")
         )
-        chart(data, render_dir / "ratios.png")
+        _chart(data, render_dir / "ratios.png")
         log(f"rewrote {render_dir / 'RESULTS.md'} from {args.render}")
         return 0
     plan = quick_plan() if args.quick else full_plan(max(1, args.repetitions))
@@ -477,12 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     data.load_end = os.getloadavg()
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "RESULTS.md").write_text(render(data, command_line))
-    chart(data, out / "ratios.png")
+    # The raw figures first: whatever fails after this, `--render` can redo it.
     summary = {"curve_cost": [dataclasses.asdict(c) for c in curve_costs(data)]}
     (out / "results.json").write_text(
         json.dumps({**dataclasses.asdict(data), **summary}, indent=1) + "\n"
     )
+    (out / "RESULTS.md").write_text(render(data, command_line))
+    _chart(data, out / "ratios.png")
     for target in targets(data):
         status = target.status or (
             "n/a" if target.met is None else ("met" if target.met else "NOT MET")
@@ -490,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{status:>7}: {target.name}: {target.measured}")
     log(f"wrote {out / 'RESULTS.md'} in {data.duration_s:.0f} s")
     return 0
+
+
+def _chart(data: RunData, path: Path) -> None:
+    try:
+        chart(data, path)
+    except ImportError as exc:  # matplotlib is in the [bench] extra
+        log(f"no chart ({exc}); pip install -e '.[bench]' and use --render")
 
 
 if __name__ == "__main__":
