@@ -145,6 +145,7 @@ class Client:
         retries: int | None = None,
         may_retry: RetryPolicy | None = None,
         total_timeout: float | None = None,
+        endpoint: str | None = None,
     ) -> list[bytes]:
         """Send a request and return the FINAL body (PARTIALs are received and dropped).
 
@@ -159,6 +160,7 @@ class Client:
             retries=retries,
             may_retry=may_retry,
             total_timeout=total_timeout,
+            endpoint=endpoint,
         )
         async with contextlib.aclosing(parts):
             async for part in parts:
@@ -177,6 +179,7 @@ class Client:
         attempt_body: Callable[[int], Sequence[bytes]] | None = None,
         settle: float = 0.0,
         not_run: Callable[[list[bytes]], bool] | None = None,
+        endpoint: str | None = None,
     ) -> AsyncGenerator[Part, None]:
         """Send a request and yield each PARTIAL, then the FINAL (`part.final` is true).
 
@@ -189,6 +192,8 @@ class Client:
         PARTIAL open that many seconds past its liveness timeout before the next one goes; a
         FINAL for which `not_run(body)` is true means that attempt did not run: the next
         attempt goes at once, if the retries and the policy allow (else it is yielded).
+        `endpoint` (one of the client's) takes the first attempt instead of the endpoint that
+        answered last; retries go on from there in turn.
 
         Leaving the loop early abandons the request: its socket is closed and any late reply
         is discarded. Wrap the generator in `contextlib.aclosing()` so that happens at once.
@@ -203,7 +208,7 @@ class Client:
             timeout=self.timeout if timeout is None else timeout,
             retries=self.retries if retries is None else retries,
             total_timeout=total_timeout,
-            first_endpoint=self._preferred,
+            first_endpoint=self._preferred if endpoint is None else self._index(endpoint),
             rebuild=attempt_body,
             settle=settle,
         )
@@ -257,6 +262,17 @@ class Client:
         finally:
             if not finished:
                 self._discard(sock)
+
+    @property
+    def context(self) -> zmq.asyncio.Context:
+        """The pyzmq context of this client's sockets (to open more clients beside it)."""
+        return self._context
+
+    def _index(self, endpoint: str) -> int:
+        try:
+            return self.endpoints.index(endpoint)
+        except ValueError:
+            raise ValueError(f"{endpoint!r} is not one of this client's endpoints") from None
 
     async def unreachable(self, timeout: float = REACH_TIMEOUT) -> dict[str, str]:
         """The broker endpoints that certainly cannot be reached now, each with the reason:

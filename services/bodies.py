@@ -29,7 +29,15 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from mdp import mmi
 from mdp.protocol import ProtocolError, validate_service_name
@@ -261,6 +269,34 @@ class CancelReply(_Body):
     worker: WorkerInfo | None = None
 
 
+class LookupRequest(_Body):
+    """A control message to `SERVICE@NAME`: what do you know of this request_id (§14.3)?
+    Read-only, except that with `fence` an id the worker has not seen is remembered like one
+    cancelled before it came: if it arrives later it is refused (`cancelled`), never run."""
+
+    lookup: Annotated[str, Field(min_length=1, max_length=MAX_REQUEST_ID)]
+    fence: StrictBool = False
+
+
+LookupState = Literal["running", "finished", "cancelled", "unknown"]
+"""What a worker knows of a request_id (spec/command-service.md §14.3): it runs here now; it
+ran here and its FINAL is remembered; it was cancelled or fenced before it came (it will be
+refused); never seen here."""
+
+
+class LookupReply(_Body):
+    """The FINAL answer to a LookupRequest."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    request_id: str
+    state: LookupState
+    fenced: bool = False
+    """True when the id will be refused if it arrives here (state cancelled, or unknown and
+    the lookup asked for `fence`)."""
+    worker: WorkerInfo | None = None
+
+
 PartialEvent = Started | Progress | Output
 _PARTIAL: TypeAdapter[PartialEvent] = TypeAdapter(PartialEvent)
 
@@ -320,6 +356,16 @@ def parse_cancel(frames: list[bytes]) -> CancelRequest:
 def parse_cancel_reply(frames: list[bytes]) -> CancelReply:
     """Validate the FINAL answer to a cancel message. Raises BodyError."""
     return parse_body(CancelReply.model_validate, frames, "cancel answer")
+
+
+def parse_lookup(frames: list[bytes]) -> LookupRequest:
+    """Validate a lookup message sent to `SERVICE@NAME`. Raises BodyError."""
+    return parse_body(LookupRequest.model_validate, frames, "control message")
+
+
+def parse_lookup_reply(frames: list[bytes]) -> LookupReply:
+    """Validate the FINAL answer to a lookup message. Raises BodyError."""
+    return parse_body(LookupReply.model_validate, frames, "lookup answer")
 
 
 def parse_result(frames: list[bytes]) -> CommandResult:

@@ -33,6 +33,8 @@ from services.bodies import (
     CancelReply,
     CommandRequest,
     CommandResult,
+    LookupReply,
+    LookupState,
     Output,
     Progress,
     Started,
@@ -40,10 +42,11 @@ from services.bodies import (
     WorkerStatus,
     pack,
     parse_cancel,
+    parse_lookup,
     parse_request,
     unpack_map,
 )
-from services.dedup import RequestCache
+from services.dedup import Entry, RequestCache
 from services.execution import Emit, GroupTracker, Limits, RunControl, run_process
 from services.metrics import CommandMetrics
 from services.policy import ChildLimits, CommandPolicy
@@ -200,9 +203,13 @@ class CommandService:
 
     async def control(self, request: Request) -> list[bytes]:
         """Answer a request sent to `MODE@NAME` (spec §14.3): a cancel message (a map with
-        `cancel`) is answered at once; anything else is a command, run like one sent to MODE."""
-        if not _is_cancel(request.body):
+        `cancel`) or a lookup (a map with `lookup`) is answered at once; anything else is a
+        command, run like one sent to MODE."""
+        kind = _control_kind(request.body)
+        if kind is None:
             return await self(request)
+        if kind == "lookup":
+            return self._lookup(request)
         worker = self._worker(request)
         try:
             message = parse_cancel(request.body)
@@ -214,10 +221,7 @@ class CommandService:
         if run is not None:
             run.cancel()
             outcome = "cancelled"
-        elif (
-            self.cache.get((self.service_name, request_id)) is not None
-            or self.cache.get((request.service, request_id)) is not None
-        ):
+        elif self.cache.get(self._key(request_id)) is not None:
             outcome = "finished"
         else:
             self._remember_cancelled(request_id)
@@ -226,6 +230,52 @@ class CommandService:
             "%s: cancel %r from client %s: %s", worker.id, request_id, request.client.hex(), outcome
         )
         return [CancelReply(request_id=request_id, cancel=outcome, worker=worker).pack()]
+
+    def _key(self, request_id: str) -> tuple[str, str]:
+        """The duplicate-protection key of a request_id: one per command service, whether the
+        request came to MODE or to MODE@NAME (a re-attach through `MODE@NAME` follows a run
+        that started through MODE, spec §10)."""
+        return (self.service_name, request_id)
+
+    def state_of(self, request_id: str) -> LookupState:
+        """What this worker knows of `request_id` (spec §14.3, lookup)."""
+        entry = self.cache.get(self._key(request_id))
+        if request_id in self.running or (entry is not None and not entry.done.done()):
+            return "running"
+        if entry is not None:
+            return "finished"
+        if self._is_cancelled(request_id):
+            return "cancelled"
+        return "unknown"
+
+    def _lookup(self, request: Request) -> list[bytes]:
+        """A lookup (spec §14.3): the state of a request_id here, answered at once; with
+        `fence`, an unknown id is remembered like one cancelled before it came, so it never
+        starts here later. Decided without an await: no request can start in between."""
+        worker = self._worker(request)
+        try:
+            message = parse_lookup(request.body)
+        except BodyError as exc:
+            return [_answer("invalid", str(exc), worker, None, exc.errors).pack()]
+        request_id = message.lookup
+        state = self.state_of(request_id)
+        if state == "unknown" and message.fence:
+            self._remember_cancelled(request_id)
+        fenced = state == "cancelled" or (state == "unknown" and message.fence)
+        log.info(
+            "%s: lookup %r%s from client %s: %s",
+            worker.id,
+            request_id,
+            " (fence)" if message.fence else "",
+            request.client.hex(),
+            state,
+        )
+        reply = LookupReply(request_id=request_id, state=state, fenced=fenced, worker=worker)
+        return [reply.pack()]
+
+    def _is_cancelled(self, request_id: str) -> bool:
+        since = self._cancelled.get(request_id)
+        return since is not None and since >= time.monotonic() - CANCELLED_FOR
 
     def _remember_cancelled(self, request_id: str) -> None:
         now = time.monotonic()
@@ -240,11 +290,9 @@ class CommandService:
     def _refusal(self, command: CommandRequest, worker: WorkerInfo) -> CommandResult | None:
         """`cancelled` for an id cancelled before it came, `expired` past its start_by."""
         request_id = command.request_id
-        if request_id is not None and request_id in self._cancelled:
-            since = self._cancelled[request_id]
-            if since >= time.monotonic() - CANCELLED_FOR:
-                message = "cancelled before it reached this worker; nothing ran"
-                return _answer("cancelled", message, worker, request_id)
+        if request_id is not None and self._is_cancelled(request_id):
+            message = "cancelled (or fenced by a lookup) before it reached this worker; nothing ran"
+            return _answer("cancelled", message, worker, request_id)
         if command.start_by is not None:
             late = time.time() - command.start_by
             if late > 0:
@@ -255,8 +303,12 @@ class CommandService:
 
     async def __call__(self, request: Request) -> list[bytes]:
         limit = self.limit
-        if limit is None:
-            return await self._measured(request)
+        known = self._known(request)
+        if limit is None or known is not None:
+            # A retry of a request_id known here starts nothing: it follows the run (or gets
+            # the stored FINAL) without waiting for a slot, so a client re-attaching to a
+            # command on a full worker hears `started` at once.
+            return await self._measured(request, known)
         async with limit:
             if not request.alive():
                 # Its connection closed while it waited for a slot: the client hears nothing
@@ -265,16 +317,23 @@ class CommandService:
                 return [_answer("expired", message, self._worker(request), None).pack()]
             return await self._measured(request)
 
-    async def _measured(self, request: Request) -> list[bytes]:
+    def _known(self, request: Request) -> Entry | None:
+        """The duplicate-protection entry of the request's request_id, if it has one here."""
+        request_id = _peek_request_id(request.body)
+        return None if request_id is None else self.cache.get(self._key(request_id))
+
+    async def _measured(self, request: Request, known: Entry | None = None) -> list[bytes]:
         metrics = self.metrics
         if metrics is None:
-            return await self._handle(request)
+            return await self._handle(request, known)
         with metrics.handling(self.service_name):
-            reply = await self._handle(request)
+            reply = await self._handle(request, known)
         metrics.answered(self.service_name, reply)
         return reply
 
-    async def _handle(self, request: Request) -> list[bytes]:
+    async def _handle(self, request: Request, known: Entry | None = None) -> list[bytes]:
+        """`known`: the entry of this request's request_id, when `__call__` found one (it then
+        took no slot, so this must follow that run and never start another)."""
         worker = self._worker(request)
         try:
             command = parse_request(request.body)
@@ -301,9 +360,9 @@ class CommandService:
             await self._started(request, worker, command)
             return [await self._execute(command, request, worker, RunControl())]
 
-        key = (request.service, command.request_id)
+        key = self._key(command.request_id)
         digest = _request_digest(command)
-        entry = self.cache.get(key)
+        entry = known if known is not None else self.cache.get(key)
         if entry is not None:
             if entry.digest != digest:
                 message = "request_id was already used for a different request"
@@ -435,12 +494,19 @@ def _answer(
     )
 
 
-def _is_cancel(body: list[bytes]) -> bool:
-    """A control body sent to `MODE@NAME` (`{"cancel": id}`), as opposed to a command."""
+def _control_kind(body: list[bytes]) -> Literal["cancel", "lookup"] | None:
+    """The kind of a control body sent to `MODE@NAME` (`{"cancel": id}` or `{"lookup": id,
+    ...}`), or None for a command."""
     if len(body) != 1:
-        return False
+        return None
     try:
         message = msgpack.unpackb(body[0], raw=False)
     except Exception:  # msgpack raises several unrelated types for bad input
-        return False
-    return isinstance(message, dict) and "cancel" in message
+        return None
+    if not isinstance(message, dict):
+        return None
+    if "cancel" in message:
+        return "cancel"
+    if "lookup" in message:
+        return "lookup"
+    return None

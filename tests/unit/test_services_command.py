@@ -14,10 +14,12 @@ import pytest
 from mdp.worker import Request
 from services.bodies import (
     CommandResult,
+    LookupReply,
     Output,
     Progress,
     Started,
     pack,
+    parse_lookup_reply,
     parse_partial,
     parse_result,
 )
@@ -266,3 +268,106 @@ async def test_internal_error_reply_is_a_command_result(shell: CommandService) -
     c = Call([pack({"command_name": "x"})])
     reply = parse_result(shell.error_reply(c.request, RuntimeError("bug")))
     assert reply.status == "error" and reply.message == "internal error in the worker: RuntimeError"
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup and fence on MODE@NAME (spec/command-service.md §14.3)
+
+
+async def lookup(service: CommandService, request_id: str, fence: bool = False) -> LookupReply:
+    c = Call([pack({"lookup": request_id, "fence": fence})], service="shell@w")
+    reply = parse_lookup_reply(await service.control(c.request))
+    assert c.partials == []  # answered at once, FINAL only
+    return reply
+
+
+async def test_lookup_of_an_unseen_id_is_unknown_and_changes_nothing(
+    shell: CommandService, tmp_path: Path
+) -> None:
+    reply = await lookup(shell, "never-seen")
+    assert (reply.request_id, reply.state, reply.fenced) == ("never-seen", "unknown", False)
+    assert reply.worker is not None and reply.worker.name == shell.settings.name
+    marker = tmp_path / "runs"
+    result, _ = await call(
+        shell, {"command_name": f"echo x >> {marker}", "request_id": "never-seen"}
+    )
+    assert result.status == "ok" and marker.read_text() == "x\n"  # a plain lookup fences nothing
+
+
+async def test_a_fenced_id_is_refused_if_it_arrives_later(
+    shell: CommandService, tmp_path: Path
+) -> None:
+    reply = await lookup(shell, "late", fence=True)
+    assert (reply.state, reply.fenced) == ("unknown", True)
+    marker = tmp_path / "runs"
+    result, c = await call(shell, {"command_name": f"echo x >> {marker}", "request_id": "late"})
+    assert (result.status, result.request_id) == ("cancelled", "late")
+    assert not marker.exists() and c.partials == []  # never started
+    again = await lookup(shell, "late", fence=True)
+    assert (again.state, again.fenced) == ("cancelled", True)
+
+
+async def test_lookup_says_running_then_finished_and_fence_does_not_touch_a_known_id(
+    shell: CommandService, tmp_path: Path
+) -> None:
+    marker = tmp_path / "runs"
+    fields = {"command_name": f"echo x >> {marker}; sleep 0.3; echo out", "request_id": "r1"}
+    first = asyncio.create_task(call(shell, fields))
+    deadline = time.monotonic() + 5
+    while not marker.exists():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    running = await lookup(shell, "r1", fence=True)
+    assert (running.state, running.fenced) == ("running", False)
+    result, _ = await first
+    assert result.status == "ok"
+    finished = await lookup(shell, "r1", fence=True)
+    assert (finished.state, finished.fenced) == ("finished", False)
+    # A re-attach (the same request and request_id, to MODE@NAME) gets the stored FINAL.
+    c = Call([pack(fields)], service="shell@w")
+    again = parse_result(await shell.control(c.request))
+    assert again == result and marker.read_text() == "x\n"
+
+
+async def test_a_reattach_through_the_addressed_service_follows_the_run(
+    shell: CommandService, tmp_path: Path
+) -> None:
+    """The duplicate-protection key is the command service, whether a request came to MODE or
+    MODE@NAME (§10); following a run takes no concurrency slot."""
+    shell.limit = asyncio.Semaphore(1)
+    marker = tmp_path / "runs"
+    fields = {"command_name": f"echo x >> {marker}; sleep 0.4; echo out", "request_id": "r2"}
+    first = asyncio.create_task(call(shell, fields))
+    deadline = time.monotonic() + 5
+    while not marker.exists():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    c = Call([pack({**fields, "start_by": time.time() - 5})], service="shell@w")
+    follower = asyncio.create_task(shell.control(c.request))
+    while not c.partials:  # `started` at once, although the only slot is taken
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert isinstance(c.events()[0], Started)
+    assert parse_result(await follower) == (await first)[0]
+    assert marker.read_text() == "x\n"
+
+
+async def test_a_reattach_with_a_past_start_by_starts_nothing_where_the_id_is_unknown(
+    shell: CommandService, tmp_path: Path
+) -> None:
+    marker = tmp_path / "runs"
+    fields = {
+        "command_name": f"echo x >> {marker}",
+        "request_id": "r3",
+        "start_by": time.time() - 5,
+    }
+    c = Call([pack(fields)], service="shell@w")
+    result = parse_result(await shell.control(c.request))
+    assert result.status == "expired" and not marker.exists()
+
+
+async def test_a_bad_lookup_is_invalid(shell: CommandService) -> None:
+    c = Call([pack({"lookup": "", "fence": "yes"})], service="shell@w")
+    result = parse_result(await shell.control(c.request))
+    assert result.status == "invalid"
+    assert {e["loc"] for e in result.errors or []} == {"lookup", "fence"}
