@@ -98,12 +98,14 @@ class Located:
 
     @property
     def absent(self) -> bool:
-        """No reachable worker knows it and every one that answered is fenced: a re-send
-        under a new request_id cannot make it run twice on any of them."""
+        """No reachable worker knows it, every one that answered is fenced, and at least one
+        answered (or none can be asked): a re-send under a new request_id cannot make it run
+        twice on any of them. A broker listing no worker for the service (one that restarted
+        and has not got its workers back) proves nothing."""
         return (
             self.worker is None
             and not self.unanswered
-            and bool(self.reachable or self.unaskable)
+            and bool(self.answers or self.unaskable)
             and all(name in self.fenced for name in self.answers)
         )
 
@@ -116,11 +118,15 @@ async def locate(
     fence: bool = True,
     timeout: float = LOCATE_TIMEOUT,
     names: Sequence[str] | None = None,
+    expect: Sequence[str] = (),
 ) -> Located:
     """Ask every worker hosting `service` (os, shell) through every reachable broker what it
     knows of `request_id`; with `fence`, each worker that does not know it will refuse it if
     it arrives later. `names` limits the question to those workers (e.g. the one that said
-    `started`, or the `--host` a command was addressed to).
+    `started`, or the `--host` a command was addressed to). `expect`: workers that must be
+    heard from although no broker may list them (e.g. every worker that ran something for the
+    caller lately: a broker that restarted may not have them back yet); a name in `names` or
+    `expect` that no reachable broker lists is `unanswered`.
 
     `where` is a `Client` (its endpoints, version, context and CURVE options are used) or
     broker endpoint(s). Takes at most about 2 x `timeout` (worker lists, then lookups, each
@@ -128,9 +134,9 @@ async def locate(
     Never raises for an unreachable broker or worker: `Located` says what was not reached.
     """
     if isinstance(where, Client):
-        return await _locate(where, service, request_id, fence, timeout, names)
+        return await _locate(where, service, request_id, fence, timeout, names, expect)
     async with Client(where, timeout=timeout, retries=0) as client:
-        return await _locate(client, service, request_id, fence, timeout, names)
+        return await _locate(client, service, request_id, fence, timeout, names, expect)
 
 
 async def _locate(
@@ -140,6 +146,7 @@ async def _locate(
     fence: bool,
     timeout: float,
     names: Sequence[str] | None,
+    expect: Sequence[str],
 ) -> Located:
     per_broker = [
         Client(
@@ -176,7 +183,8 @@ async def _locate(
                 elif reason:
                     unaskable[worker.name] = reason
         unanswered: dict[str, str] = {}
-        for name in sorted((wanted or set()) - set(routes) - set(unaskable)):
+        required = (wanted or set()) | set(expect)
+        for name in sorted(required - set(routes) - set(unaskable)):
             unanswered[name] = "not registered with any broker that answered"
         body = LookupRequest(lookup=request_id, fence=fence).pack()
         asked = await asyncio.gather(

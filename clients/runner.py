@@ -2,10 +2,14 @@
 command services, reporting each command as it finishes.
 
 Retry rule: a command may be re-sent only while no worker has said anything about it (no
-PARTIAL yet; the first PARTIAL a command worker sends is `started`). Once started, a command
-that goes silent is reported `lost`, because re-sending it could run it twice; `--retry-started`
-re-sends it anyway, under the same `request_id`, so a worker process that already ran it answers
-from its cache. MDP/0.1 has no PARTIALs, so the client cannot tell whether a silent command
+PARTIAL yet; the first PARTIAL a command worker sends is `started`), and over MDP/0.2 only once
+the workers have been asked whether one has it (`clients.locate`, `next_step`): a `started` may
+have died with a broker. The worker that has it is re-attached to (`SERVICE@NAME`, same
+`request_id`, answered from its memory), whether or not its `started` came through; if none has
+it, the command goes again under a new `request_id` (the old one is fenced on every worker that
+answered). A command whose worker cannot be reached is reported `lost`, because re-sending it
+could run it twice; `--retry-started` re-sends it anyway, under the same `request_id`, so a
+worker process that already ran it answers from its cache. MDP/0.1 has no PARTIALs, so the client cannot tell whether a silent command
 started: over 0.1 a silent command is only retried with `--retry-started`, and an attempt may
 stay silent for the command's run limit plus the attempt silence limit (`--timeout`), as 0.1
 gives no proof of life meanwhile.
@@ -20,13 +24,16 @@ with the file's, or the worker's documented default (`DEFAULT_RUN_LIMIT`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import zmq
 
+from clients.locate import Located, locate
 from clients.results import CommandOutcome
 from mdp.client import AttemptFailed, Client, MMINotImplemented, RequestTimeout
 from mdp.errors import MDPError
@@ -59,6 +66,11 @@ SKEW_ALLOWANCE = 1.0
 """Seconds by which the clocks of client and worker hosts may differ (spec §14.1)."""
 CANCEL_TIMEOUT = 1.0
 """How long a cancel message may take (spec §14.5)."""
+COMMAND_SERVICES = frozenset({"os", "shell"})
+"""The services whose workers answer a lookup (spec §14.3): the runner asks them before it
+re-sends a command whose fate it does not know."""
+ASK_AGAIN_PAUSE = 0.5
+"""Seconds between two rounds of asking when a worker did not answer (`next_step`)."""
 
 
 @dataclass
@@ -69,6 +81,10 @@ class Active:
     started: dict[int, tuple[str, str, str]] = field(default_factory=dict)
     cancelled: dict[int, str] = field(default_factory=dict)
     """Commands cancelled because the client was interrupted: index -> the cancel's outcome."""
+    seen: dict[str, set[str]] = field(default_factory=dict)
+    """Service -> the named workers that said `started` for one of its commands in this run.
+    Before re-sending a command whose fate is unknown, each of them must be heard from (a
+    broker that restarted may not list them yet, and one of them may be running it)."""
 
 
 async def cancel_one(client: Client, service: str, worker: str, request_id: str) -> str:
@@ -205,54 +221,87 @@ async def run_one(
 ) -> CommandOutcome:
     """Send one command and turn whatever comes back (or does not) into its outcome.
 
+    Over MDP/0.2, for the command services, an attempt whose fate is unknown (silent: no
+    `started`, or nothing after it) is not simply re-sent: the workers are asked first
+    (`clients.locate`, the rule in `next_step`), so a command never runs twice and one that
+    runs on a worker still reachable through another broker is re-attached, not lost.
+
     Cancelled (the client is interrupted): unless `settings.detach`, a command that started is
     cancelled on its worker, and one still on its way is waited for until it can no longer
     start (its start deadline plus the skew allowance) and cancelled if it starts meanwhile;
     then CancelledError goes on (spec/command-service.md §14.5).
     """
     active = active if active is not None else Active()
-    request_id = uuid.uuid4().hex
-    outcome = CommandOutcome(index=index, spec=spec, request_id=request_id, status="lost")
+    outcome = CommandOutcome(index=index, spec=spec, request_id=uuid.uuid4().hex, status="lost")
     v01 = client.version is Version.V01
     silence_limit = client.timeout
     if v01:  # no PARTIALs: the attempt is silent for as long as the command runs
         silence_limit += spec.run_limit if spec.run_limit is not None else DEFAULT_RUN_LIMIT
-    attempt = 1
+    service, _, host = spec.command_type.partition("@")
+    locating = not v01 and not settings.retry_started and service in COMMAND_SERVICES
+    shown = 1  # the attempt number the user sees
     may_start_until = 0.0  # monotonic: the current attempt cannot start after this
     started = asyncio.Event()
 
-    def attempt_body(n: int) -> list[bytes]:
+    def fresh_body(n: int) -> list[bytes]:
         nonlocal may_start_until
         # spec §14.1: this attempt may start only until the client stops waiting for it.
         may_start_until = time.monotonic() + silence_limit + SKEW_ALLOWANCE
-        return [spec.request(request_id, start_by=time.time() + silence_limit).pack()]
+        start_by = time.time() + silence_limit
+        return [spec.request(outcome.request_id, start_by=start_by).pack()]
+
+    def reattach_body(n: int) -> list[bytes]:
+        # A start deadline already past on any clock within the skew allowance (§14.1): a
+        # worker that knows the request_id answers from its memory (§10), one that does not
+        # (restarted meanwhile) answers `expired`. A re-attach can never start a run.
+        start_by = time.time() - 2 * SKEW_ALLOWANCE
+        return [spec.request(outcome.request_id, start_by=start_by).pack()]
 
     def may_retry(failed: AttemptFailed) -> bool:
         if settings.retry_started:
             return True
         return not v01 and failed.total_partials == 0
 
-    async def consume() -> None:
-        nonlocal attempt
-        async for part in client.stream(
-            spec.command_type,
+    async def attempt(
+        target: str,
+        body: Callable[[int], list[bytes]],
+        offset: int,
+        retries: int | None = None,
+        endpoint: str | None = None,
+    ) -> list[bytes]:
+        """Send to `target` (re-sent up to `retries` times); show its PARTIALs; its FINAL."""
+        nonlocal shown
+        parts = client.stream(
+            target,
             timeout=silence_limit,
+            retries=retries,
             may_retry=may_retry,
-            attempt_body=attempt_body,
+            attempt_body=body,
             settle=SKEW_ALLOWANCE,
             not_run=_not_run,
-        ):
-            if part.attempt != attempt:
-                attempt = part.attempt
-                events.retrying(index, attempt)
-            outcome.attempts = part.attempt
-            if part.final:
-                active.started.pop(index, None)
-                _apply_result(outcome, part.body)
-            else:
+            endpoint=endpoint,
+        )
+        async with contextlib.aclosing(parts):
+            async for part in parts:
+                if offset + part.attempt != shown:
+                    shown = offset + part.attempt
+                    events.retrying(index, shown)
+                outcome.attempts = shown
+                if part.final:
+                    active.started.pop(index, None)
+                    return part.body
                 _apply_partial(outcome, part.body, settings, events, active)
                 if index in active.started:
                     started.set()
+        raise AssertionError("stream() ended without a FINAL")  # pragma: no cover
+
+    async def consume() -> None:
+        if locating:
+            await _recover(
+                client, outcome, attempt, fresh_body, reattach_body, service, host, active
+            )
+        else:
+            _apply_result(outcome, await attempt(spec.command_type, fresh_body, 0))
 
     start = time.monotonic()
     inner = asyncio.create_task(consume())
@@ -279,6 +328,188 @@ async def run_one(
         active.started.pop(index, None)
     outcome.elapsed_ms = (time.monotonic() - start) * 1000
     return outcome
+
+
+Attempt = Callable[..., Awaitable[list[bytes]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What to do next with a command whose last attempt went silent (`next_step`)."""
+
+    action: Literal["reattach", "resend", "ask-again", "lost"]
+    worker: str | None = None
+    """reattach: the worker that knows it (send to `SERVICE@worker`)."""
+    endpoint: str | None = None
+    """reattach/resend: a broker that answered (the next attempt goes there first)."""
+    new_id: bool = False
+    """resend: under a new request_id (the old one is fenced on the workers that answered)."""
+    why: str = ""
+    """ask-again, lost: what is not known, said to the user."""
+
+
+def next_step(found: Located, started_on: str | None) -> Step:
+    """The recovery rule of an attempt whose fate is unknown (spec/command-service.md §14.5),
+    from what the workers said (`found`) and the worker that said `started`, if one did:
+
+    | what `locate` found                       | `started` from | next step                   |
+    |-------------------------------------------|----------------|-----------------------------|
+    | a worker runs it or remembers its FINAL    | any            | reattach: same request_id   |
+    |                                            |                | to SERVICE@worker           |
+    | that worker did not answer                 | a worker       | ask again                   |
+    | that worker answered, not knowing it       | a worker       | lost (it forgot: restarted) |
+    | absent: every worker asked is fenced       | none           | resend (a new request_id if |
+    |                                            |                | any worker was fenced)      |
+    | a worker listed did not answer, or no      | none           | ask again                   |
+    | broker answered                            |                |                             |
+
+    "ask again" turns into "lost" when the caller's rounds run out: the silent worker may be
+    running it, so it is never re-sent meanwhile.
+    """
+    if found.worker is not None:
+        return Step("reattach", worker=found.worker, endpoint=found.endpoint)
+    if started_on is not None:
+        if started_on in found.unanswered:
+            return Step("ask-again", why=f"{started_on}: {found.unanswered[started_on]}")
+        if started_on in found.unaskable:
+            return Step("lost", why=f"{started_on} cannot be asked ({found.unaskable[started_on]})")
+        if started_on in found.answers:
+            state = found.answers[started_on]
+            return Step("lost", why=f"{started_on} no longer knows it (lookup: {state})")
+        return Step("ask-again", why=f"{started_on} was not found on any broker that answered")
+    if found.absent:
+        reachable = found.reachable
+        return Step(
+            "resend",
+            endpoint=reachable[0] if reachable else None,
+            new_id=bool(found.fenced),
+        )
+    problems = [f"{name}: {why}" for name, why in found.unanswered.items()]
+    if not found.reachable:
+        problems += [f"{endpoint}: {why}" for endpoint, why in found.brokers.items() if why]
+    elif not problems:
+        brokers = ", ".join(found.reachable)
+        problems.append(f"no worker for {found.service!r} is registered with {brokers}")
+    return Step("ask-again", why="; ".join(problems))
+
+
+async def _recover(
+    client: Client,
+    outcome: CommandOutcome,
+    attempt: Attempt,
+    fresh_body: Callable[[int], list[bytes]],
+    reattach_body: Callable[[int], list[bytes]],
+    service: str,
+    host: str,
+    active: Active,
+) -> None:
+    """Run the command to its outcome over MDP/0.2: one attempt at a time, each silent one
+    followed by `locate` and `next_step` (spec/command-service.md §14.5). Fills `outcome`.
+
+    Bounds: `client.retries` + 1 attempts that may start the command, as many re-attaches,
+    and asking again for at most `client.retries` + 1 silence limits after a silent attempt
+    (long enough for the workers to come back to a restarted broker)."""
+    limit = client.retries + 1
+    sends = reattaches = tries = 0
+    through: list[str] = []
+    target, body, endpoint = outcome.spec.command_type, fresh_body, None
+    while True:
+        tries += 1
+        if body is fresh_body:
+            sends += 1
+        else:
+            reattaches += 1
+        try:
+            final = await attempt(target, body, tries - 1, retries=0, endpoint=endpoint)
+        except RequestTimeout as exc:
+            through += exc.endpoints
+            silent = exc
+        else:
+            if not _not_run(final):
+                _apply_result(outcome, final)
+                return
+            if body is reattach_body:
+                # It was known there a moment ago: the worker restarted under the same name.
+                gone = f"{target} no longer knows it (restarted?)"
+                await _lose(client, outcome, service, gone, target.partition("@")[2])
+                return
+            if sends >= limit:  # the last attempt came too late to start: it never ran
+                _apply_result(outcome, final)
+                return
+            target, body, endpoint = outcome.spec.command_type, fresh_body, None
+            continue
+        worker = outcome.worker
+        started_on = worker.name if worker is not None else None
+        if started_on is None and silent.partials:
+            # A worker without a name said `started`: it cannot be asked (an older worker).
+            await _lose(client, outcome, service, "its worker has no name to ask it by")
+            return
+        names = [host] if host else ([started_on] if started_on else None)
+        expect = sorted(active.seen.get(service, ())) if names is None else ()
+        asking_until = time.monotonic() + limit * client.timeout
+        while True:
+            found = await locate(
+                client,
+                service,
+                outcome.request_id,
+                timeout=client.timeout,
+                names=names,
+                expect=expect,
+            )
+            step = next_step(found, started_on)
+            if step.action != "ask-again" or time.monotonic() >= asking_until:
+                break
+            await asyncio.sleep(ASK_AGAIN_PAUSE)
+        if step.action == "reattach" and reattaches < limit:
+            assert step.worker is not None
+            target, body, endpoint = f"{service}@{step.worker}", reattach_body, step.endpoint
+            continue
+        if step.action == "resend" and sends < limit:
+            if step.new_id:
+                outcome.request_id = uuid.uuid4().hex
+            target, body, endpoint = outcome.spec.command_type, fresh_body, step.endpoint
+            continue
+        outcome.attempts = tries
+        if step.action == "resend":
+            outcome.message = (
+                f"no worker started it ({sends} attempts through "
+                f"{', '.join(dict.fromkeys(through))}, {client.timeout:g} s each); it will not "
+                "start later. Were all workers busy? (mdp-client services shows queued requests)"
+            )
+            await _lose(client, outcome, service, None)
+        elif step.action == "reattach":
+            why = f"{step.worker} has it ({found.state}), but {reattaches} re-attaches went silent"
+            await _lose(client, outcome, service, why, step.worker)
+        elif started_on is not None:
+            await _lose(client, outcome, service, step.why, started_on)
+        else:
+            outcome.message = (
+                f"no answer for {client.timeout:g} s, and whether it started is not known: "
+                f"{step.why}. Not re-sent, as it may be running there"
+            )
+            await _lose(client, outcome, service, None)
+        return
+
+
+async def _lose(
+    client: Client,
+    outcome: CommandOutcome,
+    service: str,
+    why: str | None,
+    worker: str | None = None,
+) -> None:
+    """Report `outcome` lost; one that may run on `worker` is cancelled there first (spec §14:
+    nothing reported lost goes on running). `why`: what is known of it there."""
+    outcome.status = "lost"
+    if why is not None:
+        where = worker or (outcome.worker and _worker(outcome.worker)) or "a worker"
+        outcome.message = (
+            f"started on {where}, then nothing for {client.timeout:g} s; {why}: not re-sent "
+            "because it may have run (--retry-started re-sends it under the same request_id)"
+        )
+    if worker is not None:
+        answer = await cancel_one(client, service, worker, outcome.request_id)
+        outcome.message = f"{outcome.message}; cancel sent to {worker}: {answer}"
 
 
 async def _stop_on_exit(
@@ -316,11 +547,15 @@ def _apply_partial(
     if isinstance(event, Started):
         outcome.worker = event.worker
         outcome.run_limit = event.run_limit
-        if event.worker not in outcome.workers:  # the same worker again answers from memory
+        if not any(_same_process(event.worker, w) for w in outcome.workers):
+            # The same worker again (a retry, a re-attach) answers from its memory: one run.
             outcome.workers.append(event.worker)
+        if event.worker.name is not None:
+            service = outcome.spec.command_type.partition("@")[0]
+            active.seen.setdefault(service, set()).add(event.worker.name)
         if event.worker.name is not None and outcome.request_id == event.request_id:
             active.started[outcome.index] = (
-                outcome.spec.command_type,
+                outcome.spec.command_type.partition("@")[0],  # cancel goes to SERVICE@NAME
                 event.worker.name,
                 outcome.request_id,
             )
@@ -372,6 +607,10 @@ def _lost_message(exc: RequestTimeout, outcome: CommandOutcome, v01: bool, timeo
         f"{', '.join(dict.fromkeys(exc.endpoints))}, {timeout:g} s each); it will not start "
         "later. Were all workers busy? (mdp-client services shows queued requests)"
     )
+
+
+def _same_process(a: WorkerInfo, b: WorkerInfo) -> bool:
+    return (a.host, a.pid) == (b.host, b.pid)
 
 
 def _worker(worker: WorkerInfo) -> str:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,8 +282,10 @@ def test_concurrency_is_global_across_two_brokers(tmp_path: Path) -> None:
 
 def test_killing_one_of_two_brokers_loses_nothing_unstarted(tmp_path: Path) -> None:
     """Two brokers, two workers on both, 40 commands --parallel 8 through both; kill -9 one
-    broker mid-batch: every command runs at most once, every one that had not started completes
-    through the other broker, and the restarted broker gets its workers back."""
+    broker mid-batch: no command runs twice, every one completes through the other broker
+    (those that had started are re-attached to their worker, whose `started` or result died
+    with the broker; the others are re-sent once no worker knows them), and the restarted
+    broker gets its workers back."""
     a, b = free_tcp_endpoint(), free_tcp_endpoint()
     broker_a, broker_b = start_broker(a), start_broker(b)
     procs = [
@@ -326,34 +327,21 @@ def test_killing_one_of_two_brokers_loses_nothing_unstarted(tmp_path: Path) -> N
         run.stdin.write(batch)
         run.stdin.close()
         wait_until(lambda: len(list(marks.iterdir())) >= 10, timeout=30, what="10 started")
-        killed_at = time.time()
         broker_a.kill()
         out = run.stdout.read() if run.stdout else ""
         run.wait(timeout=60)
+        err = run.stderr.read() if run.stderr else ""
         document = json.loads(out)
-        statuses = {r["index"]: r["status"] for r in document["results"]}
-        # None ran twice, but for the one window MDP cannot close (README "Several brokers"):
-        # a REQUEST broker A had delivered, whose `started` died with it, so the client re-sent
-        # it through B. Such a first run started within moments of the kill.
-        twice = []
+        results = document["results"]
         for i in range(40):
-            starts = (
-                [float(t) for t in (marks / str(i)).read_text().split()]
-                if (marks / str(i)).exists()
-                else []
-            )
-            assert len(starts) <= 2, (i, starts)
-            if len(starts) == 2:
-                twice.append(i)
-                assert abs(starts[0] - killed_at) < 0.25, (i, starts, killed_at)
-        assert len(twice) <= 2, twice
-        for index, status in statuses.items():
-            if status != "ok":
-                assert status == "lost", (index, status)
-                assert document["results"][index]["workers"], "lost before it started"
-        assert sum(1 for s in statuses.values() if s == "ok") >= 32
-        assert run.returncode in (0, 75)
-        assert run.returncode == (0 if all(s == "ok" for s in statuses.values()) else 75)
+            starts = (marks / str(i)).read_text().split() if (marks / str(i)).exists() else []
+            assert len(starts) == 1, (i, starts, results[i])  # ran, and exactly once
+        # Both workers stay reachable through B: nothing is lost, whatever A held.
+        assert [r["status"] for r in results] == ["ok"] * 40, [
+            (r["index"], r["status"], r.get("message")) for r in results if r["status"] != "ok"
+        ]
+        assert all(len(r["workers"]) == 1 for r in results)
+        assert run.returncode == 0, err
 
         # The killed broker, restarted, gets its workers back within heartbeat x liveness
         # (plus the workers' reconnect backoff, at most 4 s, and process start).

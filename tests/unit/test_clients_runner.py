@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -16,21 +17,45 @@ import zmq
 import zmq.asyncio
 
 from clients.commands import CommandSpec
+from clients.locate import Located
 from clients.results import CommandOutcome, ExitCode, exit_code_for
-from clients.runner import Events, RunSettings, ServiceCheckFailed, check_services, run_commands
+from clients.runner import (
+    Events,
+    RunSettings,
+    ServiceCheckFailed,
+    Step,
+    check_services,
+    next_step,
+    run_commands,
+)
 from mdp.client import Client
+from mdp.mmi import WorkerInfo as MMIWorker
+from mdp.mmi import encode_workers
 from services.bodies import (
     CommandRequest,
     CommandResult,
+    LookupReply,
+    LookupState,
     Output,
     Started,
     WorkerInfo,
     parse_request,
+    unpack_map,
 )
 
 pytestmark = pytest.mark.timeout(20)
 
 WORKER = WorkerInfo(host="fake", pid=1)
+NAMED = WorkerInfo(host="fake", pid=2, name="w1")
+W1 = MMIWorker(
+    name="w1",
+    services=["shell", "shell@w1"],
+    version="MDP/0.2",
+    busy=False,
+    in_flight=0,
+    connections=2,
+    last_heard=0.0,
+)
 
 
 @dataclass
@@ -43,8 +68,9 @@ class Call:
     request: CommandRequest
     fake: FakeCommandBroker
 
-    async def started(self) -> None:
-        await self.fake.reply(self, False, Started(worker=WORKER).pack())
+    async def started(self, worker: WorkerInfo = WORKER) -> None:
+        started = Started(worker=worker, request_id=self.request.request_id)
+        await self.fake.reply(self, False, started.pack())
 
     async def output(self, data: bytes, stream: str = "stdout") -> None:
         await self.fake.reply(self, False, Output(stream=stream, data=data).pack())  # type: ignore[arg-type]
@@ -76,6 +102,12 @@ class FakeCommandBroker:
     calls: list[Call] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    fleet: list[MMIWorker] | None = None
+    """The answer to mmi.workers (None: 501, like a broker without it)."""
+    state_of: Callable[[str], LookupState | None] | None = None
+    """The answer to a lookup of a request_id (None: no answer at all)."""
+    controls: list[tuple[bytes, dict[str, object]]] = field(default_factory=list)
+    """Every lookup and cancel, with the service it was sent to."""
 
     def __post_init__(self) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -94,6 +126,24 @@ class FakeCommandBroker:
             if service == b"mmi.service":
                 code = b"200" if body[0] in self.known else b"404"
                 await self.send(identity, version, True, service, code)
+                continue
+            if service == b"mmi.workers" and self.fleet is not None:
+                await self.send(identity, version, True, service, encode_workers(self.fleet))
+                continue
+            if service.startswith(b"mmi."):  # without a fleet, no mmi.workers either
+                await self.send(identity, version, True, service, b"501")
+                continue
+            control = unpack_map(body[0]) if body else {}
+            if "lookup" in control or "cancel" in control:
+                self.controls.append((service, control))
+                if "lookup" in control and self.state_of is not None:
+                    state = self.state_of(control["lookup"])
+                    if state is not None:
+                        fenced = state in ("unknown", "cancelled")
+                        reply = LookupReply(
+                            request_id=control["lookup"], state=state, fenced=fenced
+                        )
+                        await self.send(identity, version, True, service, reply.pack())
                 continue
             call = Call(identity, version, service, parse_request(body), self)
             self.calls.append(call)
@@ -343,3 +393,113 @@ async def test_check_services_with_a_silent_broker() -> None:
         finally:
             client.close()
     assert info.value.problems == [f"no broker answered at {endpoint} (2 attempts, 0.2 s each)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A silent attempt: ask the workers before anything is re-sent (spec/command-service.md §14.5)
+
+
+def silent_first(fake: FakeCommandBroker, then: Behaviour = run_to_result) -> Behaviour:
+    async def behaviour(call: Call) -> None:
+        if len(fake.calls) > 1:
+            await then(call)
+
+    return behaviour
+
+
+async def test_a_silent_attempt_its_worker_ran_is_reattached_not_run_again(
+    fake: FakeCommandBroker,
+) -> None:
+    """Its `started` (and result) died with the broker: the worker that ran it is asked, and
+    the same request_id goes to it alone, with a start deadline already past."""
+    fake.fleet, fake.state_of = [W1], lambda request_id: "finished"
+    fake.behaviour = silent_first(fake)
+    [outcome] = await run(fake, [spec("echo", "x")])
+    assert (outcome.status, outcome.attempts) == ("ok", 2)
+    first, second = fake.calls
+    assert (first.service, second.service) == (b"shell", b"shell@w1")
+    assert first.request.request_id == second.request.request_id == outcome.request_id
+    assert second.request.start_by is not None and second.request.start_by < time.time()
+    assert [(s, c["fence"]) for s, c in fake.controls] == [(b"shell@w1", True)]
+
+
+async def test_a_silent_attempt_no_worker_knows_is_resent_under_a_new_request_id(
+    fake: FakeCommandBroker,
+) -> None:
+    """Every worker said `unknown` and is now fenced: the old request_id can never start, so
+    the command goes again under a new one."""
+    fake.fleet, fake.state_of = [W1], lambda request_id: "unknown"
+    fake.behaviour = silent_first(fake)
+    recorder = Recorder()
+    [outcome] = await run(fake, [spec("echo", "x")], events=recorder)
+    assert (outcome.status, outcome.attempts) == ("ok", 2)
+    first, second = fake.calls
+    assert second.service == b"shell"
+    assert first.request.request_id != second.request.request_id == outcome.request_id
+    assert ("retrying", (0, 2)) in recorder.log
+
+
+async def test_started_then_silent_is_reattached_to_the_worker_still_running_it(
+    fake: FakeCommandBroker,
+) -> None:
+    async def start_then_silent(call: Call) -> None:
+        await call.started(NAMED)
+        if len(fake.calls) > 1:
+            await call.result("ok", exit_code=0, worker=NAMED)
+
+    fake.fleet, fake.state_of = [W1], lambda request_id: "running"
+    fake.behaviour = start_then_silent
+    [outcome] = await run(fake, [spec("sleep", "1")])
+    assert outcome.status == "ok"
+    assert [c.service for c in fake.calls] == [b"shell", b"shell@w1"]
+    assert outcome.workers == [NAMED]  # one run, on one worker
+    assert [s for s, c in fake.controls] == [b"shell@w1"]  # only the worker that had it
+
+
+async def test_started_on_a_worker_that_no_longer_knows_it_is_lost_and_cancelled(
+    fake: FakeCommandBroker,
+) -> None:
+    async def start_then_silent(call: Call) -> None:
+        await call.started(NAMED)
+
+    fake.fleet, fake.state_of = [W1], lambda request_id: "unknown"
+    fake.behaviour = start_then_silent
+    [outcome] = await run(fake, [spec("sleep", "60")])
+    assert outcome.status == "lost"
+    assert "w1 no longer knows it" in (outcome.message or "")
+    assert len(fake.calls) == 1  # never re-sent
+    assert [next(iter(c)) for s, c in fake.controls] == ["lookup", "cancel"]
+
+
+async def test_a_worker_that_does_not_answer_means_no_resend(fake: FakeCommandBroker) -> None:
+    """It may be running the command: the client asks again for a while, then says lost."""
+    fake.fleet, fake.state_of = [W1], lambda request_id: None
+    fake.behaviour = silent_first(fake)
+    began = time.monotonic()
+    [outcome] = await run(fake, [spec("echo", "x")])
+    assert outcome.status == "lost"
+    assert "whether it started is not known" in (outcome.message or "")
+    assert "w1: no answer" in (outcome.message or "")
+    assert len(fake.calls) == 1
+    assert len(fake.controls) >= 2  # asked more than once
+    assert time.monotonic() - began < 5  # bounded: (--retries + 1) silence limits of asking
+
+
+def test_next_step_table() -> None:
+    """`next_step`, row by row."""
+    base = {"request_id": "r", "service": "shell"}
+    known = Located(**base, worker="w1", state="running", endpoint="e", answers={"w1": "running"})
+    assert next_step(known, None) == Step("reattach", worker="w1", endpoint="e")
+    assert next_step(known, "w1").action == "reattach"
+    silent = Located(**base, brokers={"e": None}, unanswered={"w1": "no answer"})
+    assert next_step(silent, "w1").action == "ask-again"
+    assert next_step(silent, None).action == "ask-again"
+    forgot = Located(**base, brokers={"e": None}, answers={"w1": "unknown"}, fenced=["w1"])
+    assert next_step(forgot, "w1").action == "lost"
+    assert next_step(forgot, None) == Step("resend", endpoint="e", new_id=True)
+    legacy = Located(**base, brokers={"e": "does not implement mmi.workers"}, unaskable={"e": "x"})
+    assert next_step(legacy, None) == Step("resend", new_id=False)  # same request_id: no fence
+    empty = Located(**base, brokers={"e": None})  # a restarted broker without its workers yet
+    assert next_step(empty, None).action == "ask-again"
+    nobody = Located(**base, brokers={"e": "connection refused"})
+    assert next_step(nobody, None).action == "ask-again"
