@@ -3,16 +3,16 @@ command services, reporting each command as it finishes.
 
 Retry rule: a command may be re-sent only while no worker has said anything about it (no
 PARTIAL yet; the first PARTIAL a command worker sends is `started`), and over MDP/0.2 only once
-the workers have been asked whether one has it (`clients.locate`, `next_step`): a `started` may
+the workers have been asked whether one has it (`services.locate`, `next_step`): a `started` may
 have died with a broker. The worker that has it is re-attached to (`SERVICE@NAME`, same
 `request_id`, answered from its memory), whether or not its `started` came through; if none has
 it, the command goes again under a new `request_id` (the old one is fenced on every worker that
 answered). A command whose worker cannot be reached is reported `lost`, because re-sending it
 could run it twice; `--retry-started` re-sends it anyway, under the same `request_id`, so a
-worker process that already ran it answers from its cache. MDP/0.1 has no PARTIALs, so the client cannot tell whether a silent command
-started: over 0.1 a silent command is only retried with `--retry-started`, and an attempt may
-stay silent for the command's run limit plus the attempt silence limit (`--timeout`), as 0.1
-gives no proof of life meanwhile.
+worker process that already ran it answers from its cache. MDP/0.1 has no PARTIALs, so the
+client cannot tell whether a silent command started: over 0.1 a silent command is only
+retried with `--retry-started`, and an attempt may stay silent for the command's run limit
+plus the attempt silence limit (`--timeout`), as 0.1 gives no proof of life meanwhile.
 
 Two limits, two names: the attempt silence limit (`Client.timeout`, `--timeout`) is how long
 an attempt may go without any reply; the run limit (`CommandSpec.run_limit`, "timeout" in the
@@ -33,7 +33,6 @@ from typing import Literal
 
 import zmq
 
-from clients.locate import Located, locate
 from clients.results import CommandOutcome
 from mdp.client import AttemptFailed, Client, MMINotImplemented, RequestTimeout
 from mdp.errors import MDPError
@@ -50,6 +49,7 @@ from services.bodies import (
     parse_partial,
     parse_result,
 )
+from services.locate import Located, locate
 
 __all__ = [
     "SKEW_ALLOWANCE",
@@ -223,7 +223,7 @@ async def run_one(
 
     Over MDP/0.2, for the command services, an attempt whose fate is unknown (silent: no
     `started`, or nothing after it) is not simply re-sent: the workers are asked first
-    (`clients.locate`, the rule in `next_step`), so a command never runs twice and one that
+    (`services.locate`, the rule in `next_step`), so a command never runs twice and one that
     runs on a worker still reachable through another broker is re-attached, not lost.
 
     Cancelled (the client is interrupted): unless `settings.detach`, a command that started is

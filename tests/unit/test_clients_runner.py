@@ -17,7 +17,6 @@ import zmq
 import zmq.asyncio
 
 from clients.commands import CommandSpec
-from clients.locate import Located
 from clients.results import CommandOutcome, ExitCode, exit_code_for
 from clients.runner import (
     Events,
@@ -42,6 +41,7 @@ from services.bodies import (
     parse_request,
     unpack_map,
 )
+from services.locate import Located
 
 pytestmark = pytest.mark.timeout(20)
 

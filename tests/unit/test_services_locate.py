@@ -1,4 +1,4 @@
-"""`clients.locate.locate`: which worker knows a request_id, through every reachable broker,
+"""`services.locate.locate`: which worker knows a request_id, through every reachable broker,
 and the fence on every other (spec/command-service.md §14.3).
 
 An in-process broker (a thread) and named workers (`mdp.worker.serve` in another thread, each
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from clients.locate import Located, locate
 from mdp.broker.server import BrokerServer
 from mdp.client import Client
 from mdp.worker import Request, Service, Worker, WorkerOptions, serve
 from services.bodies import CommandResult, Started, pack, parse_partial, parse_result
 from services.command import CommandService, CommandSettings
 from services.execution import Limits
+from services.locate import Located, locate
 
 pytestmark = pytest.mark.timeout(30)
 
