@@ -16,6 +16,7 @@ from tests.integration.jobs_harness import (
     start_jobs_broker,
     wait_registered,
 )
+from tests.integration.test_fleet import wait_named
 from tests.integration.test_worker_harness import wait_workers
 from tests.support import Process, free_tcp_endpoint, script, wait_until
 
@@ -149,3 +150,47 @@ def test_embedded_runs_jobs_on_a_given_database(tmp_path: Path) -> None:
     )
     assert waited.returncode == 0, waited.stderr
     assert "embedded" in waited.stdout
+
+
+@pytest.fixture
+def named(tmp_path: Path) -> Iterator[str]:
+    """A broker, mdp-jobs, and two named shell workers h1 and h2."""
+    where = free_tcp_endpoint()
+    broker = start_jobs_broker(where)
+    workers = [start_command_worker(where, "-s", "shell", "--name", n) for n in ("h1", "h2")]
+    jobs = start_jobs(where, tmp_path / "jobs.sqlite3")
+    try:
+        wait_named(where, ("h1", "h2"), connections=3)  # shell + 2 x shell@NAME
+        wait_registered(where)
+        yield where
+    finally:
+        for proc in (jobs, *workers, broker):
+            proc.stop(timeout=3)
+
+
+def test_submit_to_hosts_makes_one_job_per_host_and_command(named: str) -> None:
+    """Issue 14: targeting composes with submit: `--host`/`--all` give one job per host and
+    command, each addressed to `SERVICE@HOST` and run by that worker alone."""
+    commands = json.dumps(
+        [{"command_type": "shell", "command_name": f"echo {i}"} for i in range(2)]
+    )
+    cases = {("--host", "h2"): ["h2", "h2"], ("--all",): ["h1", "h1", "h2", "h2"]}
+    for args, hosts in cases.items():
+        done = client(named, "submit", *args, "--json", "-f", "-", stdin=commands)
+        assert done.returncode == 0, (args, done.stderr)
+        rows = json.loads(done.stdout)
+        assert [row["host"] for row in rows] == hosts
+        assert {row["service"] for row in rows} == {f"shell@{h}" for h in hosts}
+        ids = [row["id"] for row in rows]
+        assert len(set(ids)) == len(ids)
+        assert client(named, "wait", *ids).returncode == 0
+        results = json.loads(client(named, "result", "--json", *ids).stdout)["results"]
+        by_id = {r["request_id"]: r for r in results}
+        for row in rows:
+            result = by_id[row["id"]]
+            assert result["status"] == "ok"
+            assert result["worker"]["name"] == row["host"]  # run by that host alone
+            assert result["stdout"] == f"{row['index'] % 2}\n"
+    unknown = client(named, "submit", "--host", "nope", "-f", "-", stdin=commands)
+    assert unknown.returncode == 68 and "no registered worker matches" in unknown.stderr
+    assert len(json.loads(client(named, "jobs", "--json").stdout)) == 2 + 4  # none for it
