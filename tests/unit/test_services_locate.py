@@ -186,6 +186,11 @@ async def test_a_named_worker_no_broker_lists_is_unanswered(fleet: Fleet) -> Non
         found = await locate(client, "shell", "x", names=["w9"])
         assert found.unanswered == {"w9": "not registered with any broker that answered"}
         assert not found.known and not found.absent
+        # `expect`: a worker seen lately that no broker lists (yet) blocks `absent` too,
+        # while every listed worker is still asked (and fenced).
+        found = await locate(client, "shell", "y", expect=["w1", "w9"])
+        assert set(found.unanswered) == {"w9"} and sorted(found.fenced) == ["w1", "w2"]
+        assert not found.absent
 
 
 async def test_a_dead_broker_is_skipped_at_once(fleet: Fleet, tmp_path: Path) -> None:
