@@ -29,7 +29,6 @@ from clients.runner import (
     run_commands,
 )
 from mdp import __version__
-from mdp.broker.server import DEFAULT_MAX_MSG_SIZE
 from mdp.cli_options import (
     curve_options,
     curve_socket_options,
@@ -45,6 +44,7 @@ from mdp.client import (
     RequestTimeout,
 )
 from mdp.errors import MDPError
+from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 
 F = TypeVar("F", bound=Callable[..., Any])
 

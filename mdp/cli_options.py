@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 import zmq
-from prometheus_client import CollectorRegistry
 
 from mdp import logs
 from mdp.endpoints import EndpointError, PrivateDirError, check_endpoint, default_endpoint
@@ -16,6 +15,9 @@ from mdp.metrics import MetricsBindError, parse_bind, serve_metrics
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from mdp.security import KeyFileError, SocketOptions, curve_client_options
 from mdp.security.keyset import find_key_set
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -11,11 +11,12 @@ its own; a scrape reads counters the program keeps anyway, so it costs the hot p
 
 from __future__ import annotations
 
-from typing import Final
-
-from prometheus_client import CollectorRegistry, start_http_server
+from typing import TYPE_CHECKING, Final
 
 from mdp.endpoints import is_local_endpoint
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["DURATION_BUCKETS", "MetricsBindError", "parse_bind", "serve_metrics"]
 
@@ -47,6 +48,9 @@ def is_loopback_bind(host: str) -> bool:
 def serve_metrics(value: str, registry: CollectorRegistry) -> tuple[str, int]:
     """Serve `registry` at http://HOST:PORT/metrics in a daemon thread; return (host, port)
     actually bound (port 0 picks a free one). Raises MetricsBindError or OSError."""
+    # Imported here: only a program started with --metrics-bind needs the server.
+    from prometheus_client import start_http_server
+
     host, port = parse_bind(value)
     server, _thread = start_http_server(port, host, registry=registry)
     bound_port = int(server.server_address[1])

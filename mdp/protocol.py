@@ -84,6 +84,9 @@ HEARTBEAT_INTERVAL: Final = 2.5
 HEARTBEAT_LIVENESS: Final = 3
 """Default number of silent intervals after which a peer is presumed dead (RFC 7: 3-5)."""
 
+DEFAULT_MAX_MSG_SIZE: Final = 16 * 1024 * 1024
+"""The broker's default message limit (`mdp-broker --max-msg-size`), which mdp-client checks
+requests against; here so that a client need not import the broker to know it."""
 MAX_SERVICE_NAME: Final = 255
 """Longest service name (bytes) we accept; RFC 7/18 only say "printable string"."""
 

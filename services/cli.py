@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import click
-from prometheus_client import CollectorRegistry
 
 from mdp import __version__, logs
 from mdp.cli_options import (
@@ -36,7 +35,6 @@ from services.command import (
     validate_worker_name,
 )
 from services.execution import Limits
-from services.metrics import CommandMetrics
 from services.policy import ChildLimits, CommandPolicy
 from services.registry import BUILTIN, ServiceSpecError, control_services, load_services
 from services.watchdog import Watchdog, default_state_dir, reap_leftovers
@@ -360,6 +358,11 @@ def main(
         ) from None
     metrics = None
     if metrics_bind is not None:
+        # Imported here: prometheus_client is a good part of the start-up time otherwise.
+        from prometheus_client import CollectorRegistry
+
+        from services.metrics import CommandMetrics
+
         registry = CollectorRegistry()
         metrics = CommandMetrics(registry)
         start_metrics(metrics_bind, registry)

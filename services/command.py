@@ -20,7 +20,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgpack
 
@@ -48,8 +48,10 @@ from services.bodies import (
 )
 from services.dedup import Entry, RequestCache
 from services.execution import Emit, GroupTracker, Limits, RunControl, run_process
-from services.metrics import CommandMetrics
 from services.policy import ChildLimits, CommandPolicy
+
+if TYPE_CHECKING:  # prometheus_client is imported only when --metrics-bind asks for it
+    from services.metrics import CommandMetrics
 
 __all__ = [
     "SHELL",

@@ -7,13 +7,11 @@ import sys
 
 import click
 import zmq
-from prometheus_client import CollectorRegistry
 
 from mdp import __version__, logs
 from mdp.broker.boundary import GroupError, check_group_reach, group_id, ipc_path
 from mdp.broker.core import BrokerConfig
-from mdp.broker.metrics import BrokerCollector
-from mdp.broker.server import DEFAULT_MAX_MSG_SIZE, BrokerServer, InsecureBindError
+from mdp.broker.server import BrokerServer, InsecureBindError
 from mdp.cli_options import (
     curve_options,
     default_endpoint_or_fail,
@@ -23,6 +21,7 @@ from mdp.cli_options import (
     metrics_option,
     start_metrics,
 )
+from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 from mdp.security import BrokerAuth, SecurityError
 from mdp.security.keyset import find_key_set
 
@@ -175,6 +174,11 @@ def main(
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot listen on {', '.join(endpoints)}: {exc}") from None
     if metrics_bind is not None:
+        # Imported here: prometheus_client is a good part of the start-up time otherwise.
+        from prometheus_client import CollectorRegistry
+
+        from mdp.broker.metrics import BrokerCollector
+
         registry = CollectorRegistry()
         registry.register(BrokerCollector(server.core))
         start_metrics(metrics_bind, registry)

@@ -32,11 +32,11 @@ from mdp.broker.core import BrokerConfig, BrokerCore
 from mdp.endpoints import check_endpoint, unauthenticated_endpoints
 from mdp.errors import MDPError
 from mdp.fastzmq import POLLIN, OversizedMessage, readable, recv_frames_limited, send_frames
+from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 from mdp.security import BrokerAuth
 
 log = logging.getLogger("mdp.broker")
 
-DEFAULT_MAX_MSG_SIZE = 16 * 1024 * 1024
 DEFAULT_SNDHWM = 10_000
 BATCH = 256
 SHUTDOWN_LINGER_MS = 500
