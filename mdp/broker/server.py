@@ -191,6 +191,9 @@ class BrokerServer:
         next_tick = core.tick(clock())
         auth = self.auth
         generation = auth.lists.generation if auth is not None else 0
+        # The same rule for the monitor: ask it once before the first sleep, or its fd may
+        # never signal (the inproc connection's commands arrived before anyone looked).
+        self._drain_monitor(monitor, clock())
         self.ready.set()
         log.info(
             "broker serving on %s (heartbeat %d ms x %d, request TTL %g s, %s)",
