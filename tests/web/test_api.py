@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -13,6 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clients.web.app import create_app
+from clients.web.backend import Backend
+from clients.web.security import Guard
+from mdp.client import Client
 from tests.integration.test_worker_harness import workers_of
 from tests.support import (
     TEST_HEARTBEAT_MS,
@@ -460,3 +465,48 @@ def test_a_non_loopback_bind_without_tls_is_refused(tmp_path: Path) -> None:
     )
     assert short.returncode == 2
     assert "at least 16 characters" in short.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Expired jobs (in-process: retention cannot be made to expire a job of the shared stack)
+
+
+def test_an_expired_job_is_410_and_an_unknown_one_404_on_every_job_endpoint() -> None:
+    """spec/api.md: 404 for an id mdp-jobs never knew, 410 for one retention removed. The app
+    in-process, over a backend whose `jobs.status` says so (the job service's side of it,
+    `expired` vs `unknown`, is tests/integration/test_jobs.py's)."""
+
+    class RetentionRemovedIt(Backend):
+        async def job(self, job_id: str) -> dict[str, object]:
+            return {"id": job_id, "state": "expired" if job_id.startswith("old") else "unknown"}
+
+    token = secrets.token_urlsafe(24)
+    backend = RetentionRemovedIt(Client("tcp://127.0.0.1:1", timeout=0.1, retries=0))
+    app = create_app(backend, Guard(token))
+    headers = {"Authorization": f"Bearer {token}", "Host": "127.0.0.1"}
+
+    async def statuses(job_id: str) -> dict[str, tuple[int, str]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers
+        ) as client:
+            found = {}
+            for method, path in [
+                ("GET", ""),
+                ("GET", "/result"),
+                ("GET", "/output"),
+                ("GET", "/events"),
+                ("POST", "/cancel"),
+            ]:
+                answer = await client.request(method, f"/api/v1/jobs/{job_id}{path}")
+                found[f"{method} {path or '/'}"] = (answer.status_code, answer.json()["detail"])
+            return found
+
+    try:
+        expired = asyncio.run(statuses("old-1"))
+        unknown = asyncio.run(statuses("never-1"))
+    finally:
+        backend.close()
+    assert {k: v[0] for k, v in expired.items()} == dict.fromkeys(expired, 410), expired
+    assert all("has expired" in detail for _, detail in expired.values())
+    assert {k: v[0] for k, v in unknown.items()} == dict.fromkeys(unknown, 404), unknown
