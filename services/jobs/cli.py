@@ -98,7 +98,8 @@ Exit codes:
     metavar="ENDPOINT",
     callback=endpoint_callback(),
     help="Serve jobs.* and titanic.* on this broker too (repeatable), so clients of any of "
-    "several brokers reach this job service. Jobs are still sent through --broker.",
+    "several brokers reach this job service. Jobs are still sent through --broker; re-attaching "
+    "to a run, looking up a request_id and cancelling go through any of them.",
 )
 @click.option(
     "--db",

@@ -13,8 +13,11 @@ Rules that are not transitions but follow from the table:
 
 - Only `queued` jobs are dispatched (and re-dispatched): a job that said `started` is never
   sent again as a new run (at most once once started, `spec/jobs.md` §4).
-- `SILENT` and `EXPIRED` before `started` put the job back in the queue (the claim released);
-  the same request_id is sent again later, with a fresh `start_by`.
+- `SILENT` and `EXPIRED` before `started` put the job back in the queue (the claim released).
+  `EXPIRED` also settles the attempt (`start_by` cleared: it ran nowhere), so the same
+  request_id goes again with a fresh `start_by`. After `SILENT` the attempt stays on record:
+  it may have started unseen, so the next dispatcher asks the workers first (manager.py,
+  `_resolve`) and either re-attaches to it or sends a new request_id.
 - After `started`, silence leads to a re-attach attempt (not in this table: it sends nothing
   new), and `REATTACH_FAILED` makes the job `lost`.
 - A terminal job accepts no event: every row from a terminal state is absent, so `step()`
@@ -44,7 +47,8 @@ class Event(enum.Enum):
     CANCEL = "cancel"
     """A user cancelled the job (jobs.cancel, titanic.close)."""
     REATTACH_FAILED = "reattach_failed"
-    """The job was running; its worker could not be reached or did not know the run."""
+    """The job was running, or an attempt of it may have started unseen; its worker could not
+    be reached or did not know the run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ TABLE: dict[tuple[str, Event], Rule] = {
     ("queued", Event.EXPIRED): Rule("queued", "§4 before started, a dispatch may be retried"),
     ("queued", Event.SILENT): Rule("queued", "§4 before started, a dispatch may be retried"),
     ("queued", Event.CANCEL): Rule("cancelled", "§4 a cancelled queued job never runs"),
+    ("queued", Event.REATTACH_FAILED): Rule("lost", "§4 an attempt whose fate stays unknown"),
     ("running", Event.FINAL): Rule(None, "§4 the FINAL's status ends the job"),
     ("running", Event.CANCEL): Rule(None, "§4 a running job is cancelled by its worker"),
     ("running", Event.REATTACH_FAILED): Rule("lost", "§4 not re-attached: lost"),
@@ -110,8 +115,10 @@ def step(state: str, event: Event, *, at: float, **payload: Any) -> Step | None:
                 "claimed": None,
             },
         )
-    if event in (Event.EXPIRED, Event.SILENT):
+    if event is Event.SILENT:
         return Step(expect, {"claimed": None})
+    if event is Event.EXPIRED:
+        return Step(expect, {"claimed": None, "start_by": None})
     if event is Event.CANCEL:
         if state == "queued":
             return Step(
@@ -129,6 +136,7 @@ def step(state: str, event: Event, *, at: float, **payload: Any) -> Step | None:
             expect,
             {
                 "state": "lost",
+                "claimed": None,
                 "finished": at,
                 "message": payload.get("message", "its worker could not be re-attached"),
             },

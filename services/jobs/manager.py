@@ -8,15 +8,23 @@ The life of a job in this process
 2. The dispatch loop, woken by submits and by finished runs, asks the store which services have
    unclaimed queued jobs, and for each claims as many as its window allows (twice the workers
    `mmi.services` reports). Each claimed job gets a task: `_dispatch`.
-3. `_dispatch` sends the request (request_id = job id, `start_by` = now + dispatch timeout) and
-   follows the stream (`_follow`): `started` -> `running`; output -> numbered chunks; FINAL ->
-   the end. Each event becomes one compare-and-set store update chosen by `core.step`.
+3. The claim records the attempt (request_id, `start_by` = claim + dispatch timeout) before
+   anything is sent. `_dispatch` sends the request and follows the stream (`_follow`):
+   `started` -> `running`; output -> numbered chunks; FINAL -> the end. Each event becomes
+   one compare-and-set store update chosen by `core.step`.
 4. Silence before `started`: the attempt cannot start any more once `start_by` + the skew
-   allowance has passed, so the job goes back to the queue. Silence after `started`, or a
-   restart of this process with `running` jobs: `_reattach` re-sends the same request with a
-   `start_by` in the past -- only the worker that ran it answers from its memory; any other
-   answers `expired` and runs nothing. If no worker knows it, the job is `lost` (and a cancel is
-   sent to its worker, so it can never finish unseen).
+   allowance has passed, so the job goes back to the queue -- but it may have started unseen
+   (the broker carrying `started` died), so it stays on record, `in_doubt`. So do the claims
+   of a job service that died (or restarted) before `started` was committed. Whoever claims
+   such a job next resolves it first (`_resolve`): every worker of the service is asked at
+   `SERVICE@NAME`, through every broker, whether it knows that request_id, with a fence
+   (`services.locate`); one that knows it is re-attached to, otherwise a new attempt goes
+   under a new request_id, recorded first.
+5. Silence after `started`, or a restart of this process with `running` jobs: `_reattach`
+   re-sends the same request with a `start_by` in the past to the worker that said
+   `started`, at its `SERVICE@NAME`, through each broker in turn -- only it answers, from its
+   memory. If it does not know the run, or cannot be reached, the job is `lost` (and a
+   cancel is sent to its worker, so it can never finish unseen).
 
 Several job services on one database (PostgreSQL, `store.shared`)
 -----------------------------------------------------------------
@@ -58,6 +66,7 @@ from mdp.mmi import MMINotImplemented
 from mdp.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, validate_service_name
 from mdp.worker import Request, Service, WorkerOptions
 from services.bodies import (
+    MAX_REQUEST_ID,
     BodyError,
     CancelRequest,
     Output,
@@ -80,6 +89,7 @@ from services.jobs.store.base import (
     SubmitOutcome,
     Tombstone,
 )
+from services.locate import locate
 
 __all__ = ["SKEW", "JobManager", "Settings"]
 
@@ -93,6 +103,8 @@ PAST = 1.0
 DAY = 86_400.0
 CONTROL_TIMEOUT = 2.0
 """Seconds to wait for the broker's MMI or a worker's answer to a cancel."""
+LOOKUP_TIMEOUT = 1.0
+"""Seconds to wait for each worker's answer to a lookup (`services.locate`)."""
 WAIT_SLICE = 0.5
 """Long polls re-read the store at least this often (another manager may change a job)."""
 TAKE_OVER_BATCH = 100
@@ -180,6 +192,27 @@ class JobManager:
             context=self._context,
             socket_options=settings.socket_options,
         )
+        self.brokers = list(dict.fromkeys((settings.broker, *settings.also_serve_on)))
+        # Cancels and lookups go to a worker's SERVICE@NAME through any broker: a silent one
+        # moves on to the next (both are safe to repeat).
+        self.anywhere = Client(
+            self.brokers,
+            timeout=CONTROL_TIMEOUT,
+            retries=len(self.brokers) - 1,
+            context=self._context,
+            socket_options=settings.socket_options,
+        )
+        # Re-attaching follows a run through one broker at a time, the next one after a silence.
+        self.followers = {settings.broker: self.client} | {
+            broker: Client(
+                broker,
+                timeout=DAY,
+                retries=0,
+                context=self._context,
+                socket_options=settings.socket_options,
+            )
+            for broker in self.brokers[1:]
+        }
         self.pools: list[WorkerPool] = []
         self.ready = asyncio.Event()
         """Set once the store is open, claims released and the workers started."""
@@ -196,6 +229,7 @@ class JobManager:
         """Running jobs this process follows and holds the lease of."""
         self.dispatched = 0
         self.taken_over = 0
+        self._started_at = self._clock()
 
     # --- life ----------------------------------------------------------------------------
 
@@ -209,7 +243,7 @@ class JobManager:
 
     async def run(self) -> None:
         """Serve until `stop()`. The store must be open; it is left open."""
-        started = self._clock()
+        started = self._started_at = self._clock()
         s = self.settings
         horizon = started if s.previous_run_gone else started - s.dispatch_timeout - SKEW
         released = await self.store.release_claims(before=horizon)
@@ -258,8 +292,8 @@ class JobManager:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            self.client.close()
-            self.control.close()
+            for client in (*self.followers.values(), self.control, self.anywhere):
+                client.close()
             if self._own_context:
                 self._context.destroy(linger=0)
 
@@ -373,9 +407,11 @@ class JobManager:
                     > 0
                 ]
                 now = self._clock()
+                # The claim records the attempt (request_id, start_by) before it is sent.
+                start_by = now + self.settings.dispatch_timeout
                 claims = await asyncio.gather(
                     *(
-                        self.store.claim(service, room, now, owner=self.settings.name)
+                        self.store.claim(service, room, now, self.settings.name, start_by)
                         for service, room in wanted
                     )
                 )
@@ -397,9 +433,10 @@ class JobManager:
             job = buffer.popleft()
             if (job.claimed or now) + self.settings.dispatch_timeout / 2 < now:
                 # Held too long (the window shrank): its start_by would be too close to the
-                # moment peers may take the claim over. Give it back instead of sending it.
+                # moment peers may take the claim over. Give it back instead of sending it
+                # (unsent: settled, unless an earlier attempt is in doubt).
                 if not self.store.shared:
-                    self._spawn(self._apply(job, Event.SILENT))
+                    self._spawn(self._apply(job, Event.SILENT if job.in_doubt else Event.EXPIRED))
                 continue
             self._in_flight[service] += 1
             self._spawn(self._dispatch(job))
@@ -419,9 +456,16 @@ class JobManager:
                 self._wake.set()
 
         try:
+            if job.in_doubt and job.kind == "command":
+                resolved = await self._resolve(job, release)
+                if resolved is None:
+                    return  # re-attached, given back, or lost
+                job = resolved
             # start_by counts from the claim, so it is past before any peer may take the
             # claim over (dispatch timeout + skew after the claim).
-            start_by = (job.claimed or self._clock()) + self.settings.dispatch_timeout
+            start_by = job.start_by
+            if start_by is None:
+                start_by = (job.claimed or self._clock()) + self.settings.dispatch_timeout
             outcome, job = await self._follow(
                 job,
                 _request(job, start_by),
@@ -444,6 +488,9 @@ class JobManager:
         body: list[bytes],
         first_silence: float,
         release: Callable[[], None] | None = None,
+        *,
+        client: Client | None = None,
+        target: str | None = None,
     ) -> tuple[str, Job]:
         """Send `body` for `job` and store what comes back. Returns how it ended, and the job
         as last stored: `done` (the job is terminal), `gone` (it changed under us: cancelled,
@@ -452,7 +499,9 @@ class JobManager:
 
         `started` is committed while the stream goes on (its write is queued before any later
         one of this job, and awaited before the FINAL's); `release` is called when the FINAL
-        arrives, before it is committed."""
+        arrives, before it is committed. `client` and `target` (default: the dispatch broker,
+        the job's service) say where the request goes; with a `target`, an `expired` answer
+        leaves a queued job's attempt on record (a re-attach: that worker did not know it)."""
         state = job.state
         started: asyncio.Future[Job | None] | None = None
 
@@ -463,7 +512,7 @@ class JobManager:
             recorded, started = await started, None
             return recorded
 
-        parts = self.client.stream(job.service, *body)
+        parts = (client or self.client).stream(target or job.service, *body)
         async with contextlib.aclosing(parts):
             while True:
                 silence = first_silence if state == "queued" else self.settings.liveness_timeout
@@ -498,7 +547,7 @@ class JobManager:
                 status, exit_code, message = _interpret(job.kind, part.body)
                 if status == "expired":
                     if state == "queued":
-                        await self._apply(job, Event.EXPIRED)
+                        await self._apply(job, Event.SILENT if target else Event.EXPIRED)
                     return f"expired-{state}", job
                 done = await self._apply(
                     job,
@@ -520,7 +569,7 @@ class JobManager:
         if isinstance(fresh, Job) and fresh.state == "running":
             return fresh  # already stored as running (a stale copy of the job)
         # Cancelled (or ended) while its request was on the way: stop the run.
-        self._spawn(self._cancel_on_worker(job.id, job.service, worker))
+        self._spawn(self._cancel_on_worker(job, worker))
         return None
 
     async def _reattach_running(self) -> None:
@@ -616,7 +665,7 @@ class JobManager:
             ):
                 self._cancel_requested.add(job.id)
                 if job.worker:
-                    self._spawn(self._cancel_on_worker(job.id, job.service, job.worker))
+                    self._spawn(self._cancel_on_worker(job, job.worker))
 
     async def _reattach_task(self, job: Job) -> None:
         try:
@@ -629,21 +678,38 @@ class JobManager:
             self._wake.set()
 
     async def _reattach(self, job: Job) -> None:
-        """Follow a started job again without starting it anew, or declare it lost."""
+        """Follow a started job again without starting it anew, or declare it lost.
+
+        The same request (same request_id, a `start_by` long past) goes to the worker that
+        said `started`, at its `SERVICE@NAME`, through each broker in turn while they stay
+        silent: it answers from its duplicate protection (the run's PARTIALs and FINAL, or
+        the stored FINAL). `expired` from it means it does not know the run (it restarted):
+        lost. A worker without a name is asked at SERVICE, where any other worker answers
+        `expired` and runs nothing."""
         fresh = await self.store.get(job.id)
         if not isinstance(fresh, Job) or fresh.state != "running":
             return
         job = fresh
         if job.kind == "command":
             body = _request(job, PAST)
+            target = _address(job.service, (job.worker or {}).get("name"))
             deadline = self._clock() + self.settings.reattach_timeout
             answers = 0
+            turn = 0
             while self._clock() < deadline and not self._stop.is_set():
-                outcome, job = await self._follow(job, body, self.settings.liveness_timeout)
+                client = self.client
+                if target is not None:
+                    client = self.followers[self.brokers[turn % len(self.brokers)]]
+                    turn += 1
+                outcome, job = await self._follow(
+                    job, body, self.settings.liveness_timeout, client=client, target=target
+                )
                 if outcome in ("done", "gone"):
                     return
                 if outcome == "expired-running":
                     answers += 1
+                    if target is not None:
+                        break  # the worker itself does not know the run
                     if answers >= max(2, 2 * self._workers_of.get(job.service, 1)):
                         break
                 fresh = await self.store.get(job.id)
@@ -659,7 +725,88 @@ class JobManager:
         )
         if lost is not None and job.worker:
             # So that it cannot go on unseen: the worker kills it, or never starts it.
-            await self._cancel_on_worker(job.id, job.service, job.worker)
+            await self._cancel_on_worker(job, job.worker)
+
+    async def _resolve(self, job: Job, release: Callable[[], None]) -> Job | None:
+        """A claimed job whose previous attempt (`job.request_id`) may have started unseen --
+        its dispatcher died, or it went silent before `started`: find out before anything new
+        is sent (spec/jobs.md §4). Returns the job with a new attempt on record, to send; or
+        None when it was handled here (re-attached, given back, lost).
+
+        Once that attempt can no longer start (its `start_by` + skew passed), every worker of
+        the service is asked at `SERVICE@NAME`, through every broker, whether it knows the
+        request_id, with a fence (a worker that does not know it will never start it;
+        `services.locate`). One knows it: re-attach there (the same request with a `start_by`
+        long past; its duplicate protection follows the run or returns the stored FINAL).
+        Every worker answered and none knows it: a new attempt under a new request_id,
+        recorded before it is sent. Otherwise the claim is given back and the question asked
+        again; after --reattach-timeout the job is `lost`."""
+        assert job.request_id is not None and job.start_by is not None
+        s = self.settings
+        start_by = job.start_by
+        if s.previous_run_gone and start_by < self._started_at + s.dispatch_timeout:
+            # An attempt of the previous run, whose workers went with it: nothing can run it.
+            return await self._new_attempt(job, job.request_id)
+        wait = start_by + SKEW - self._clock()
+        if wait > 0 and await self._sleep(wait):
+            return None  # stopping: the claim is released at the next start
+        found = await locate(
+            self.anywhere, job.service, job.request_id, fence=True, timeout=LOOKUP_TIMEOUT
+        )
+        if found.known and found.worker:
+            log.info(
+                "job %s: attempt %s %s on %s: re-attached",
+                job.id,
+                job.request_id,
+                found.state,
+                found.worker,
+            )
+            outcome, job = await self._follow(
+                job,
+                _request(job, PAST),
+                s.liveness_timeout,
+                release,
+                client=self.followers.get(found.endpoint or "", self.client),
+                target=f"{job.service}@{found.worker}",
+            )
+            if outcome == "silent-queued":
+                await self._apply(job, Event.SILENT)
+            elif outcome in ("silent-running", "expired-running"):
+                await self._reattach(job)
+            return None
+        if found.absent:
+            if found.unaskable:
+                log.warning(
+                    "job %s: attempt %s: workers that cannot be asked: %s",
+                    job.id,
+                    job.request_id,
+                    found.unaskable,
+                )
+            return await self._new_attempt(job, _next_request_id(job))
+        log.info(
+            "job %s: attempt %s: no answer from %s; asking again later",
+            job.id,
+            job.request_id,
+            found.unanswered or "any broker",
+        )
+        if self._clock() > start_by + s.reattach_timeout:
+            await self._apply(
+                job,
+                Event.REATTACH_FAILED,
+                message="an attempt may have started on a worker that does not answer",
+            )
+            return None
+        await self._sleep(CONTROL_TIMEOUT)  # not a tight loop of questions
+        await self._apply(job, Event.SILENT)
+        return None
+
+    async def _new_attempt(self, job: Job, request_id: str) -> Job | None:
+        """Record a new attempt of a job we claimed (None: the claim is not ours any more)."""
+        assert job.claimed is not None
+        now = self._clock()
+        return await self.store.record_attempt(
+            job.id, job.claimed, request_id, now + self.settings.dispatch_timeout, now
+        )
 
     async def _release_claims_of_previous_run(self, started: float) -> None:
         """Claims older than our start are a previous run's; once their `start_by` (+ skew)
@@ -692,16 +839,19 @@ class JobManager:
                     self._wake.set()
             await self._sleep(self.settings.mmi_interval)
 
-    async def _cancel_on_worker(self, job_id: str, service: str, worker: dict[str, Any]) -> None:
-        """Send the command service's cancel message to the worker running `job_id`."""
+    async def _cancel_on_worker(self, job: Job, worker: dict[str, Any]) -> None:
+        """Send the command service's cancel message for the job's run to the worker running
+        it (through any broker)."""
+        job_id = job.id
         name = worker.get("name")
         if not name:
             log.warning("job %s: its worker has no name; it cannot be cancelled", job_id)
             return
-        address = f"{service}@{name}"
+        address = f"{job.service}@{name}"
         try:
             validate_service_name(address.encode())
-            reply = await self.control.request(address, CancelRequest(cancel=job_id).pack())
+            cancel = CancelRequest(cancel=job.request_id or job_id)
+            reply = await self.anywhere.request(address, cancel.pack())
             outcome = parse_cancel_reply(reply).cancel
         except (MDPError, BodyError) as exc:
             log.warning("job %s: cancel via %s failed: %s", job_id, address, exc)
@@ -851,7 +1001,7 @@ class JobManager:
             return "cancelled", "cancelled"
         self._cancel_requested.add(job_id)
         if updated.worker:
-            self._spawn(self._cancel_on_worker(job_id, updated.service, updated.worker))
+            self._spawn(self._cancel_on_worker(updated, updated.worker))
         return updated.state, "requested"
 
     async def _cancel_jobs(self, request: Request) -> list[bytes]:
@@ -906,12 +1056,31 @@ def _guarded(
 
 
 def _request(job: Job, start_by: float) -> list[bytes]:
-    """The body to send for `job`: a command gets this attempt's `start_by`."""
+    """The body to send for `job`: a command gets this attempt's request_id and `start_by`."""
     if job.kind != "command":
         return list(job.request)
     body = msgpack.unpackb(job.request[0], raw=False)
+    body["request_id"] = job.request_id or job.id
     body["start_by"] = start_by
     return [pack(body)]
+
+
+def _address(service: str, name: str | None) -> str | None:
+    """`SERVICE@NAME` of a named worker, or None (no name, or not a valid service name)."""
+    if not name:
+        return None
+    address = f"{service}@{name}"
+    try:
+        validate_service_name(address.encode())
+    except ProtocolError:
+        return None
+    return address
+
+
+def _next_request_id(job: Job) -> str:
+    """A request_id for a new attempt of `job` after its previous one was fenced."""
+    candidate = f"{job.id}.{job.attempts}"
+    return candidate if len(candidate) <= MAX_REQUEST_ID else uuid.uuid4().hex
 
 
 def _interpret(kind: str, frames: list[bytes]) -> tuple[str, int | None, str | None]:

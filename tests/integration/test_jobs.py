@@ -3,10 +3,13 @@ processes, marker files that count how often each command ran, kill -9 at the wo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from services.jobs.store.base import NewJob
+from services.jobs.store.sqlite import SQLiteStore
 from tests.integration.jobs_harness import (
     JobsClient,
     start_command_worker,
@@ -268,6 +273,54 @@ def test_kill_9_of_the_broker_mid_run_loses_nothing_and_runs_nothing_twice(
 ) -> None:
     system, client = running
     kill_midway(system, client, "broker")
+
+
+def test_attempts_whose_fate_was_never_stored_are_resolved_not_run_again(
+    running: tuple[System, JobsClient],
+) -> None:
+    """spec/jobs.md §4: mdp-jobs died after sending two attempts and before storing what
+    became of them. On restart it asks the worker about each request_id, with a fence: the
+    one it runs is re-attached (not run again); the one it never got goes again under a new
+    request_id. Each runs once."""
+    system, client = running
+    system.start_worker("-s", "shell", "-c", "2", "--name", "other")  # a second one to ask
+    wait_workers(system.endpoint, "shell", 6)
+    started = client.submit("shell", system.counted("started", "sleep 2"), job_id="started")
+    wait_until(lambda: system.runs("started") == 1, timeout=10, interval=0.02, what="a run")
+    system.kill_jobs()
+    long_ago = time.time() - 600
+
+    async def forget() -> None:
+        # What the store holds had mdp-jobs died before committing `started`, and before
+        # anything came back for an attempt of "unsent" that never reached a worker.
+        store = SQLiteStore(system.db)
+        await store.open()
+        try:
+            assert await store.update(
+                started, {"running"}, state="queued", started=None, worker=None,
+                claimed=long_ago, start_by=long_ago + 2,
+            )  # fmt: skip
+            request = [msgpack.packb({"command_name": system.counted("unsent")["command_name"],
+                                      "request_id": "unsent"})]  # fmt: skip
+            await store.submit(NewJob("unsent", "command", "shell", request, long_ago))
+            [claimed] = await store.claim("shell", 1, long_ago, "jobs", start_by=long_ago + 2)
+            assert claimed.request_id == "unsent"
+        finally:
+            await store.close()
+
+    asyncio.run(forget())
+    system.start_jobs()
+    final = client.wait_terminal(["started", "unsent"], timeout=30)
+    assert {job: entry["state"] for job, entry in final.items()} == {
+        "started": "ok",
+        "unsent": "ok",
+    }
+    assert system.runs("started") == 1 and system.runs("unsent") == 1
+    result = client.call("jobs.result", {"id": "unsent"})["result"]
+    assert result["request_id"] == "unsent.2"  # "unsent" is fenced on the workers now
+    assert system.jobs is not None
+    log = system.jobs.output()[1]
+    assert re.search(rb"job started: attempt started (running|finished) on \S+: re-attached", log)
 
 
 def test_a_cancelled_queued_job_never_runs_even_across_a_restart(system: System) -> None:

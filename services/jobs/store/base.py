@@ -68,6 +68,8 @@ UPDATABLE = frozenset(
         "cancel_requested",
         "owner",
         "lease_until",
+        "request_id",
+        "start_by",
     }
 )
 """The fields `JobStore.update()` may change."""
@@ -134,6 +136,18 @@ class Job:
     lease_until: float | None = None
     """A running job is its owner's until then; it renews the lease while it follows the run.
     Past it (the owner died), another job service takes the job over (`take_over`)."""
+    request_id: str | None = None
+    """The request_id of the latest attempt (the job id, unless an earlier attempt's fate was
+    never learnt); recorded by `claim()` or `record_attempt()` before the attempt is sent. For
+    a running or finished job: the request_id of its run."""
+    start_by: float | None = None
+    """That attempt's start deadline (spec/command-service.md §14.1) while it may still be
+    running somewhere unseen; None once its fate is known not to matter (never sent, or
+    refused `expired`)."""
+    in_doubt: bool = False
+    """Set by `claim()` only (not stored): the job's previous attempt (`request_id`) was sent,
+    or may have been, and nobody learnt its fate -- its dispatcher died, or it went silent. It
+    may be running on some worker: the claimer must find out before sending anything new."""
 
     @property
     def terminal(self) -> bool:
@@ -217,10 +231,30 @@ class JobStore(abc.ABC):
         """Store a new `queued` job, idempotently on its id (see SubmitOutcome)."""
 
     @abc.abstractmethod
-    async def claim(self, service: str, limit: int, now: float, owner: str = "") -> list[Job]:
+    async def claim(
+        self,
+        service: str,
+        limit: int,
+        now: float,
+        owner: str = "",
+        start_by: float | None = None,
+    ) -> list[Job]:
         """Take up to `limit` of the oldest unclaimed `queued` jobs of `service`, in order:
         mark them claimed at `now` by `owner` and count an attempt. The caller dispatches them.
-        Two callers at once (even in two processes) never get the same job."""
+        Two callers at once (even in two processes) never get the same job.
+
+        The claim is also the record of the attempt about to be sent (dispatch intent): a job
+        whose previous attempt is settled (`start_by` is None) gets `request_id` (kept, or
+        its id) and `start_by`. A job whose previous attempt is not settled keeps both and
+        comes back `in_doubt`."""
+
+    @abc.abstractmethod
+    async def record_attempt(
+        self, job_id: str, claimed: float, request_id: str, start_by: float, now: float
+    ) -> Job | None:
+        """The holder of a claim made at `claimed` records a new attempt before sending it:
+        `request_id` and `start_by`, and the claim renewed to `now`, in one compare-and-set.
+        None when the job is no longer `queued` under that claim (someone else holds it)."""
 
     @abc.abstractmethod
     async def renew(self, owner: str, ids: Collection[str], until: float) -> set[str]:

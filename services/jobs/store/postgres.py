@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -169,6 +170,11 @@ MIGRATIONS: list[str] = [
     END $$;
     CREATE TRIGGER mdp_jobs_notify AFTER INSERT OR UPDATE ON mdp_jobs
         FOR EACH ROW EXECUTE FUNCTION mdp_jobs_notify();
+    """,
+    # 1 -> 2: the attempt on record before it is sent (its request_id and start deadline), so
+    # whoever dispatches the job next knows which request_id may be running somewhere.
+    """
+    ALTER TABLE mdp_jobs ADD COLUMN request_id TEXT, ADD COLUMN start_by DOUBLE PRECISION;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -453,20 +459,51 @@ class PostgresStore(JobStore):
         finally:
             self._committers -= 1
 
-    async def claim(self, service: str, limit: int, now: float, owner: str = "") -> list[Job]:
+    async def claim(
+        self,
+        service: str,
+        limit: int,
+        now: float,
+        owner: str = "",
+        start_by: float | None = None,
+    ) -> list[Job]:
+        returning = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
+
         async def op(conn: Conn) -> list[Job]:
             # SKIP LOCKED: a job another manager is claiming right now is not waited for,
-            # it is simply not ours; the next unclaimed ones are.
+            # it is simply not ours; the next unclaimed ones are. `p` is the row as it was
+            # (whether its previous attempt was settled); SET and `p` read the old values.
             cur = await conn.execute(
-                "UPDATE mdp_jobs SET claimed = %s, attempts = attempts + 1, owner = %s "
-                "WHERE seq IN (SELECT seq FROM mdp_jobs WHERE service = %s AND state = 'queued' "
-                "AND claimed IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) "
-                f"RETURNING {_COLUMNS}",
-                (now, owner or None, service, max(0, limit)),
+                "UPDATE mdp_jobs m SET claimed = %s, attempts = m.attempts + 1, owner = %s, "
+                "request_id = coalesce(m.request_id, m.id), "
+                "start_by = coalesce(m.start_by, %s::float8) "
+                "FROM (SELECT seq, start_by IS NOT NULL AS doubt FROM mdp_jobs "
+                "WHERE service = %s AND state = 'queued' AND claimed IS NULL ORDER BY seq "
+                "LIMIT %s FOR UPDATE SKIP LOCKED) p "
+                f"WHERE m.seq = p.seq RETURNING {returning}, p.doubt",
+                (now, owner or None, start_by, service, max(0, limit)),
             )
-            return sorted((_job(row) for row in await cur.fetchall()), key=lambda j: j.seq)
+            jobs = [
+                dataclasses.replace(_job(row), in_doubt=True) if row[-1] else _job(row)
+                for row in await cur.fetchall()
+            ]
+            return sorted(jobs, key=lambda j: j.seq)
 
         return await self._transaction(op)
+
+    async def record_attempt(
+        self, job_id: str, claimed: float, request_id: str, start_by: float, now: float
+    ) -> Job | None:
+        async def op(conn: Conn) -> Job | None:
+            cur = await conn.execute(
+                "UPDATE mdp_jobs SET request_id = %s, start_by = %s, claimed = %s "
+                f"WHERE id = %s AND state = 'queued' AND claimed = %s RETURNING {_COLUMNS}",
+                (request_id, start_by, now, job_id, claimed),
+            )
+            row = await cur.fetchone()
+            return None if row is None else _job(row)
+
+        return await self._transaction(op, wait=True)
 
     async def renew(self, owner: str, ids: Collection[str], until: float) -> set[str]:
         wanted = list(ids)

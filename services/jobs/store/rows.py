@@ -16,7 +16,7 @@ from services.jobs.store.base import Job
 COLUMNS = (
     "seq, id, kind, service, request, state, created, attempts, claimed, started, worker, "
     "finished, result, exit_code, message, cancel_requested, output_chunks, output_bytes, "
-    "output_truncated, output_purged, owner, lease_until"
+    "output_truncated, output_purged, owner, lease_until, request_id, start_by"
 )
 
 
@@ -54,4 +54,6 @@ def job_from_row(row: Sequence[Any]) -> Job:
         output_purged=bool(row[19]),
         owner=row[20],
         lease_until=row[21],
+        request_id=row[22],
+        start_by=row[23],
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import queue
 import sqlite3
@@ -117,6 +118,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN owner TEXT;
     ALTER TABLE jobs ADD COLUMN lease_until REAL;
+    """,
+    # 2 -> 3: the attempt on record before it is sent (its request_id and start deadline), so
+    # whoever dispatches the job next knows which request_id may be running somewhere.
+    """
+    ALTER TABLE jobs ADD COLUMN request_id TEXT;
+    ALTER TABLE jobs ADD COLUMN start_by REAL;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -421,16 +428,48 @@ class SQLiteStore(JobStore):
 
         return await self._write(op)
 
-    async def claim(self, service: str, limit: int, now: float, owner: str = "") -> list[Job]:
+    async def claim(
+        self,
+        service: str,
+        limit: int,
+        now: float,
+        owner: str = "",
+        start_by: float | None = None,
+    ) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
-            rows = conn.execute(
-                "UPDATE jobs SET claimed = ?, attempts = attempts + 1, owner = ? WHERE seq IN ("
-                "SELECT seq FROM jobs WHERE service = ? AND state = 'queued' "
-                "AND claimed IS NULL ORDER BY seq LIMIT ?) "
-                f"RETURNING {_COLUMNS}",
-                (now, owner or None, service, limit),
+            # One writer: what the jobs were before the claim is read in the same transaction.
+            picked = conn.execute(
+                "SELECT seq, start_by IS NOT NULL FROM jobs WHERE service = ? "
+                "AND state = 'queued' AND claimed IS NULL ORDER BY seq LIMIT ?",
+                (service, limit),
             ).fetchall()
-            return sorted((_job(row) for row in rows), key=lambda j: j.seq)
+            if not picked:
+                return []
+            doubt = {seq for seq, unsettled in picked if unsettled}
+            rows = conn.execute(
+                "UPDATE jobs SET claimed = ?, attempts = attempts + 1, owner = ?, "
+                "request_id = coalesce(request_id, id), start_by = coalesce(start_by, ?) "
+                f"WHERE seq IN ({', '.join('?' * len(picked))}) RETURNING {_COLUMNS}",
+                (now, owner or None, start_by, *(seq for seq, _ in picked)),
+            ).fetchall()
+            jobs = (_job(row) for row in rows)
+            return sorted(
+                (dataclasses.replace(j, in_doubt=True) if j.seq in doubt else j for j in jobs),
+                key=lambda j: j.seq,
+            )
+
+        return await self._write(op)
+
+    async def record_attempt(
+        self, job_id: str, claimed: float, request_id: str, start_by: float, now: float
+    ) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(
+                "UPDATE jobs SET request_id = ?, start_by = ?, claimed = ? "
+                f"WHERE id = ? AND state = 'queued' AND claimed = ? RETURNING {_COLUMNS}",
+                (request_id, start_by, now, job_id, claimed),
+            ).fetchone()
+            return None if row is None else _job(row)
 
         return await self._write(op)
 

@@ -26,10 +26,16 @@ def test_a_started_job_is_never_put_back_in_the_queue() -> None:
             assert "claimed" not in decision.changes or decision.changes["state"] in TERMINAL
 
 
-@pytest.mark.parametrize("event", [Event.SILENT, Event.EXPIRED])
-def test_before_started_a_silent_or_expired_dispatch_is_queued_again(event: Event) -> None:
-    decision = step("queued", event, at=1.0)
+def test_before_started_a_silent_dispatch_is_queued_again_still_on_record() -> None:
+    """§4: it may have started unseen; the next dispatcher must find out first."""
+    decision = step("queued", Event.SILENT, at=1.0)
     assert decision is not None and decision.changes == {"claimed": None}
+
+
+def test_before_started_an_expired_dispatch_is_queued_again_and_settled() -> None:
+    """§4: `expired` means it ran nowhere; the same request_id may go again."""
+    decision = step("queued", Event.EXPIRED, at=1.0)
+    assert decision is not None and decision.changes == {"claimed": None, "start_by": None}
 
 
 def test_the_final_status_ends_the_job() -> None:
@@ -57,7 +63,14 @@ def test_a_run_that_ends_after_a_cancel_request_is_cancelled_unless_it_was_ok() 
 def test_a_failed_reattach_makes_the_job_lost() -> None:
     decision = step("running", Event.REATTACH_FAILED, at=3.0)
     assert decision is not None and decision.changes["state"] == "lost"
-    assert step("queued", Event.REATTACH_FAILED, at=3.0) is None
+
+
+def test_a_queued_job_whose_attempt_cannot_be_learnt_about_is_lost() -> None:
+    """§4: an attempt that may have started on a worker that never answers is not sent
+    again (at most once): the job is lost, its claim dropped."""
+    decision = step("queued", Event.REATTACH_FAILED, at=3.0)
+    assert decision is not None
+    assert decision.changes["state"] == "lost" and decision.changes["claimed"] is None
 
 
 @pytest.mark.parametrize("state", sorted(TERMINAL))

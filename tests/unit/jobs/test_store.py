@@ -102,6 +102,40 @@ async def test_release_claims_makes_old_claims_claimable_again(store: JobStore) 
     assert [(j.id, j.attempts) for j in again] == [("a", 2)]
 
 
+async def test_a_claim_records_the_attempt_before_it_is_sent(store: JobStore) -> None:
+    """spec/jobs.md §4: the request_id and start_by of an attempt are committed with its
+    claim, so whoever dispatches the job next knows what may be running."""
+    await store.submit(new("a"))
+    [job] = await store.claim("shell", 1, T0, owner="jobs-1", start_by=T0 + 30)
+    assert (job.request_id, job.start_by, job.in_doubt) == ("a", T0 + 30, False)
+    stored = await store.get("a")
+    assert isinstance(stored, Job) and (stored.request_id, stored.start_by) == ("a", T0 + 30)
+
+
+async def test_a_job_whose_attempt_was_never_settled_is_claimed_in_doubt(store: JobStore) -> None:
+    await store.submit(new("a"))
+    await store.submit(new("b"))
+    await store.claim("shell", 2, T0, owner="dead", start_by=T0 + 30)
+    # b's attempt was refused `expired` (settled: nothing ran); a's dispatcher died.
+    assert await store.update("b", {"queued"}, claimed=None, start_by=None) is not None
+    assert await store.release_claims(before=T0 + 40) == 1
+    again = await store.claim("shell", 5, T0 + 41, owner="me", start_by=T0 + 71)
+    assert [(j.id, j.in_doubt, j.request_id, j.start_by) for j in again] == [
+        ("a", True, "a", T0 + 30),  # kept as it was: the claimer must find out first
+        ("b", False, "b", T0 + 71),
+    ]
+
+
+async def test_record_attempt_is_a_compare_and_set_on_the_claim(store: JobStore) -> None:
+    await store.submit(new("a"))
+    await store.claim("shell", 1, T0, owner="me", start_by=T0 + 30)
+    assert await store.record_attempt("a", T0 + 1, "a.2", T0 + 90, T0 + 60) is None
+    job = await store.record_attempt("a", T0, "a.2", T0 + 90, T0 + 60)
+    assert job is not None
+    assert (job.request_id, job.start_by, job.claimed) == ("a.2", T0 + 90, T0 + 60)
+    assert await store.record_attempt("a", T0, "a.3", T0 + 95, T0 + 65) is None  # renewed
+
+
 async def test_queued_services_lists_each_service_once(store: JobStore) -> None:
     for i in range(3):
         await store.submit(new(f"s{i}", service="shell"))
