@@ -153,6 +153,14 @@ async def check_services(client: Client, services: Sequence[str]) -> list[str]:
     problems: list[str] = []
     warnings: list[str] = []
     brokers = ", ".join(client.endpoints)
+    if any(answer is False for answer in answers):
+        # A worker that is full unregisters its `SERVICE` connections (spec §14.6), so the
+        # broker answers 404 for it; its own address `SERVICE@NAME` stays registered, and a
+        # request for SERVICE waits in the broker until it has room.
+        busy = await _busy_services(client)
+        answers = [
+            True if a is False and n in busy else a for n, a in zip(names, answers, strict=True)
+        ]
     for name, answer in zip(names, answers, strict=True):
         if isinstance(answer, RequestTimeout):
             tries = client.retries + 1
@@ -175,6 +183,21 @@ async def check_services(client: Client, services: Sequence[str]) -> list[str]:
     if problems:
         raise ServiceCheckFailed(problems)
     return warnings
+
+
+async def _busy_services(client: Client) -> set[str]:
+    """The services some named worker hosts, by its `SERVICE@NAME` (`mmi.workers`), whether
+    or not it has room now; empty when the broker cannot say."""
+    try:
+        workers = await client.workers()
+    except (MDPError, zmq.ZMQError):
+        return set()
+    return {
+        service.rpartition("@")[0]
+        for worker in workers
+        for service in worker.services
+        if service.endswith(f"@{worker.name}")
+    }
 
 
 async def run_commands(

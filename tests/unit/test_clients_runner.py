@@ -503,3 +503,18 @@ def test_next_step_table() -> None:
     assert next_step(empty, None).action == "ask-again"
     nobody = Located(**base, brokers={"e": "connection refused"})
     assert next_step(nobody, None).action == "ask-again"
+
+
+async def test_check_services_counts_a_full_worker_by_its_address(fake: FakeCommandBroker) -> None:
+    """A worker that is full unregisters its `shell` connections (spec §14.6): mmi.service
+    says 404, but its `shell@NAME` is still registered, so the service is there (busy)."""
+    fake.known = {b"os"}
+    fake.fleet = [W1]
+    client = Client(fake.endpoint, timeout=0.5, retries=0)
+    try:
+        assert await check_services(client, ["shell"]) == []
+        with pytest.raises(ServiceCheckFailed) as info:
+            await check_services(client, ["shell", "gone"])
+    finally:
+        client.close()
+    assert len(info.value.problems) == 1 and "'gone' is unknown" in info.value.problems[0]
