@@ -839,6 +839,25 @@ class JobManager:
                     self._wake.set()
             await self._sleep(self.settings.mmi_interval)
 
+    async def _cancel_unseen(self, job: Job) -> None:
+        """A queued job was cancelled while an attempt of it may be on its way or running
+        with nobody following it (its `started` was never stored): every worker is told
+        never to start its request_id (the fence of `services.locate`), and the one that
+        runs it, if any, gets the cancel message. The job stays `cancelled`."""
+        assert job.request_id is not None
+        found = await locate(
+            self.anywhere, job.service, job.request_id, fence=True, timeout=LOOKUP_TIMEOUT
+        )
+        if found.state == "running" and found.worker:
+            await self._cancel_on_worker(job, {"name": found.worker})
+        elif not (found.known or found.absent):
+            log.warning(
+                "job %s: cancelled; whether attempt %s runs unseen is unknown (no answer from %s)",
+                job.id,
+                job.request_id,
+                found.unanswered or "any broker",
+            )
+
     async def _cancel_on_worker(self, job: Job, worker: dict[str, Any]) -> None:
         """Send the command service's cancel message for the job's run to the worker running
         it (through any broker)."""
@@ -998,6 +1017,10 @@ class JobManager:
                 self._buffer[updated.service] = collections.deque(
                     job for job in buffer if job.id != job_id
                 )
+            if updated.kind == "command" and updated.start_by is not None:
+                # An attempt may be on its way or running unseen (in doubt): fence it
+                # everywhere and stop it where it runs.
+                self._spawn(self._cancel_unseen(updated))
             return "cancelled", "cancelled"
         self._cancel_requested.add(job_id)
         if updated.worker:

@@ -19,6 +19,7 @@ import pytest
 
 from services.jobs.store.base import NewJob
 from services.jobs.store.sqlite import SQLiteStore
+from services.locate import locate
 from tests.integration.jobs_harness import (
     JobsClient,
     start_command_worker,
@@ -286,7 +287,12 @@ def test_attempts_whose_fate_was_never_stored_are_resolved_not_run_again(
     system.start_worker("-s", "shell", "-c", "2", "--name", "other")  # a second one to ask
     wait_workers(system.endpoint, "shell", 6)
     started = client.submit("shell", system.counted("started", "sleep 2"), job_id="started")
-    wait_until(lambda: system.runs("started") == 1, timeout=10, interval=0.02, what="a run")
+    wait_until(
+        lambda: client.status([started])[started]["state"] == "running",
+        timeout=10,
+        interval=0.02,
+        what="started stored",
+    )
     system.kill_jobs()
     long_ago = time.time() - 600
 
@@ -321,6 +327,47 @@ def test_attempts_whose_fate_was_never_stored_are_resolved_not_run_again(
     assert system.jobs is not None
     log = system.jobs.output()[1]
     assert re.search(rb"job started: attempt started (running|finished) on \S+: re-attached", log)
+
+
+def test_cancel_of_a_job_whose_run_was_never_stored_stops_that_run(
+    running: tuple[System, JobsClient],
+) -> None:
+    """spec/jobs.md §4: a queued job may have an attempt running unseen (mdp-jobs died before
+    storing `started`); cancelling it stops that run too, not only the row."""
+    system, client = running
+    job = client.submit("shell", system.counted("victim", "sleep 20; echo end"), job_id="victim")
+    wait_until(
+        lambda: client.status([job])[job]["state"] == "running",
+        timeout=10,
+        interval=0.02,
+        what="started stored",
+    )
+    system.kill_jobs()
+
+    async def forget() -> None:
+        store = SQLiteStore(system.db)
+        await store.open()
+        try:
+            now = time.time()  # a fresh claim: the restarted mdp-jobs leaves it for 31 s
+            assert await store.update(
+                job, {"running"}, state="queued", started=None, worker=None, claimed=now,
+                start_by=now + 2,
+            )  # fmt: skip
+        finally:
+            await store.close()
+
+    asyncio.run(forget())
+    system.start_jobs("--dispatch-timeout", "30")
+    answer = client.call("jobs.cancel", {"ids": [job]})
+    assert answer["jobs"][0]["cancel"] == "cancelled", answer
+
+    def stopped() -> bool:
+        found = asyncio.run(locate(system.endpoint, "shell", job, fence=False))
+        return found.state == "finished"  # its FINAL (cancelled) is all the worker holds
+
+    wait_until(stopped, timeout=15, interval=0.2, what="the unseen run to be cancelled")
+    assert client.status([job])[job]["state"] == "cancelled"
+    assert system.runs("victim") == 1
 
 
 def test_a_cancelled_queued_job_never_runs_even_across_a_restart(system: System) -> None:
