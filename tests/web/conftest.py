@@ -8,6 +8,7 @@ and asserts about those, never about counts of all jobs.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -70,15 +71,17 @@ def worker_flags() -> list[str]:
     """--allow-root when this mdp-worker has it and we are root (tests run as root in CI)."""
     if os.geteuid() != 0:
         return []
-    help_text = subprocess.run(
-        [script("mdp-worker"), "--help"], capture_output=True, text=True, timeout=30
-    ).stdout
-    return ["--allow-root"] if "--allow-root" in help_text else []
+    return ["--allow-root"] if "--allow-root" in _help((script("mdp-worker"),)) else []
+
+
+@functools.cache
+def _help(command: tuple[str, ...]) -> str:
+    """A program's --help, asked once per session (each ask is a program start)."""
+    return subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=30).stdout
 
 
 def _option(command: list[str], name: str) -> bool:
-    text = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=30).stdout
-    return name in text
+    return name in _help(tuple(command))
 
 
 def broker_has_insecure() -> bool:
