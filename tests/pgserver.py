@@ -12,8 +12,10 @@ import contextlib
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -62,6 +64,26 @@ def skip_reason() -> str | None:
     return None
 
 
+def _stable_port() -> int:
+    """A free port BELOW the kernel's ephemeral range. A server that restarts (the tests'
+    restart and kill cases) must bind the same port again, and a port from the ephemeral range
+    can be taken meanwhile as the local end of any outgoing connection: `pg_ctl start` then
+    fails with "could not bind" (seen once under load)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 20000 if low > 21000 else 1024
+    for port in random.sample(range(first, max(first + 1, low)), k=min(200, max(1, low - first))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return int(free_tcp_endpoint().rsplit(":", 1)[1])
+
+
 class PgServer:
     """One PostgreSQL server: `start()`, `url(db)`, `create_database()`, `restart()`,
     `kill()`, `stop()`."""
@@ -71,7 +93,7 @@ class PgServer:
         self.root = Path(tempfile.mkdtemp(prefix="mdp-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self.port = int(free_tcp_endpoint().rsplit(":", 1)[1])
+        self.port = _stable_port()
         self.fsync = fsync
         self._demote: Callable[[], None] | None = None
         if os.geteuid() == 0:
@@ -121,7 +143,13 @@ class PgServer:
                     "full_page_writes = off\nmax_connections = 200\nshared_buffers = 32MB\n"
                     "log_min_messages = warning\n"
                 )
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        try:
+            self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"
+            )
+        except subprocess.CalledProcessError as exc:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed: {exc.stderr}\nserver log:\n{log}") from exc
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
