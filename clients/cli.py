@@ -8,7 +8,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -47,6 +47,7 @@ from mdp.errors import MDPError
 from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 PROG = "mdp-client"
 CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -543,18 +544,7 @@ def services(parent: Connection, /, as_json: bool, **params: Any) -> None:
     connection = Connection(params, parent)
 
     async def ask() -> int:
-        client = connection.client()
-        try:
-            await _reachable(client)
-            found = await client.services()
-        except RequestTimeout:
-            _no_broker(connection)
-        except MMINotImplemented:
-            _fail("the broker does not implement mmi.services", ExitCode.FAILED)
-        except MDPError as exc:
-            _fail(f"bad mmi.services answer: {exc}", ExitCode.FAILED)
-        finally:
-            client.close()
+        found = await _ask_mmi(connection, "mmi.services", lambda client: client.services())
         if found.unauthenticated:
             click.echo(
                 f"{PROG}: warning: the broker accepts unauthenticated peers on "
@@ -594,18 +584,7 @@ def workers(parent: Connection, /, as_json: bool, **params: Any) -> None:
     connection = Connection(params, parent)
 
     async def ask() -> int:
-        client = connection.client()
-        try:
-            await _reachable(client)
-            found = await client.workers()
-        except RequestTimeout:
-            _no_broker(connection)
-        except MMINotImplemented:
-            _fail("the broker does not implement mmi.workers", ExitCode.FAILED)
-        except MDPError as exc:
-            _fail(f"bad mmi.workers answer: {exc}", ExitCode.FAILED)
-        finally:
-            client.close()
+        found = await _ask_mmi(connection, "mmi.workers", lambda client: client.workers())
         if as_json:
             import json
 
@@ -665,6 +644,25 @@ def ping(parent: Connection, /, service: str, **params: Any) -> None:
         return ExitCode.UNAVAILABLE
 
     sys.exit(_run_sync(ask()))
+
+
+async def _ask_mmi(
+    connection: Connection, service: str, call: Callable[[Client], Awaitable[T]]
+) -> T:
+    """One MMI query (`call`, naming `service` in errors) with the CLI's answers to failure:
+    exit 69 when no broker answers, 1 when the broker lacks the service or answers badly."""
+    client = connection.client()
+    try:
+        await _reachable(client)
+        return await call(client)
+    except RequestTimeout:
+        _no_broker(connection)
+    except MMINotImplemented:
+        _fail(f"the broker does not implement {service}", ExitCode.FAILED)
+    except MDPError as exc:
+        _fail(f"bad {service} answer: {exc}", ExitCode.FAILED)
+    finally:
+        client.close()
 
 
 async def _reachable(client: Client) -> None:
