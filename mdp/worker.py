@@ -537,6 +537,10 @@ async def serve(
     for k, endpoint in enumerate(endpoints):
         each = options if endpoint == options.broker else replace(options, broker=endpoint)
         suffix = f"@{k}" if len(endpoints) > 1 else ""
+        # (service, connection number, pausable): a control service's first connection never
+        # pauses, so a cancel or lookup always finds one.
+        hosted = [(s, i, True) for s in services for i in range(concurrency)]
+        hosted += [(s, i, i > 0) for s in control for i in range(control_concurrency)]
         workers += [
             Worker(
                 service,
@@ -544,21 +548,9 @@ async def serve(
                 context=context,
                 worker_id=f"{service.name}#{i}{suffix}",
                 capacity=capacity,
+                pausable=pausable,
             )
-            for service in services
-            for i in range(concurrency)
-        ]
-        workers += [
-            Worker(
-                service,
-                each,
-                context=context,
-                worker_id=f"{service.name}#{i}{suffix}",
-                capacity=capacity,
-                pausable=i > 0,
-            )
-            for service in control
-            for i in range(control_concurrency)
+            for service, i, pausable in hosted
         ]
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
