@@ -21,7 +21,6 @@ alternate within each repetition; figures are medians. Writes `benchmarks/JOBS_S
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
 import statistics
 import sys
@@ -36,11 +35,12 @@ from benchmarks.brokers import free_port
 from benchmarks.jobs import (
     SUBMITTERS,
     TERMINAL,
-    WORKER_CONCURRENCY,
     Procs,
+    _broker,
     _script,
     _submit_body,
     _wait_service,
+    _worker,
     drive,
 )
 
@@ -138,27 +138,10 @@ def measure(config: str, count: int, end_to_end: bool, scratch: Path, server: ob
     db = Database(kind, scratch, server if kind == "postgres" else None)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with Procs() as procs:
-        # tcp without CURVE must be asked for (--insecure); on loopback, on a benchmark machine.
-        broker = procs.start(
-            [_script("mdp-broker"), "--bind", endpoint, "--insecure", "--log-level", "warning"]
-        )
+        broker = procs.start(_broker(endpoint))
         pids: dict[str, list[int]] = {"broker": [broker.pid]}
         if end_to_end:
-            worker = procs.start(
-                [
-                    _script("mdp-worker"),
-                    "--service",
-                    "os",
-                    "--concurrency",
-                    str(WORKER_CONCURRENCY),
-                    "--broker",
-                    endpoint,
-                    "--log-level",
-                    "warning",
-                    # Benchmark machines often run everything as root; `true` as root is meant.
-                    *(["--allow-root"] if os.geteuid() == 0 else []),
-                ]
-            )
+            worker = procs.start(_worker(endpoint))
             pids["worker"] = [worker.pid]
             _wait_service(endpoint, b"os")
         pids["jobs"] = _start(procs, endpoint, db, services)
