@@ -11,7 +11,6 @@ polls.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import math
 import select
@@ -27,11 +26,12 @@ import zmq
 from zmq.backend import Socket as _BackendSocket
 from zmq.backend import zmq_poll
 
+from mdp import fastzmq
 from mdp.broker import boundary
 from mdp.broker.core import BrokerConfig, BrokerCore
 from mdp.endpoints import check_endpoint, unauthenticated_endpoints
 from mdp.errors import MDPError
-from mdp.fastzmq import POLLIN, OversizedMessage, readable, recv_frames_limited, send_frames
+from mdp.fastzmq import EAGAIN, EHOSTUNREACH, POLLIN, OversizedMessage, batch_io, readable
 from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 from mdp.security import BrokerAuth
 
@@ -152,6 +152,7 @@ class BrokerServer:
                 auth.stop()
             raise
         self._socket = sock
+        self._io = batch_io(sock)
         # ROUTER_NOTIFY needs libzmq's draft API; a monitor's DISCONNECTED event is the
         # portable sign that some peer's connection closed (which one, the probe tells).
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -174,17 +175,19 @@ class BrokerServer:
         monitor = self._monitor
         assert monitor is not None
         # One poll() on the sockets' signalling fds and the wake-up pipe. libzmq's fds only say
-        # "look again": the rule is that a socket is asked (ZMQ_EVENTS, here `zmq_poll(..., 0)`)
-        # after its last send or receive and before sleeping on its fd, which the drain below
-        # does by ending on a check that found nothing. That costs two checks per wake-up
-        # instead of zmq_poll's four, and each check is a few system calls.
-        sock_fd = int(sock.getsockopt(zmq.FD))
+        # "look again": the rule is that a socket is asked (ZMQ_EVENTS, or a receive that finds
+        # nothing, which processes the socket's pending commands the same way) after its last
+        # send or receive and before sleeping on its fd, which the drain below does by ending
+        # on a receive that found nothing. That costs one check per wake-up instead of
+        # zmq_poll's four, and each check is a few system calls.
+        monitor_fd = int(monitor.getsockopt(zmq.FD))
         poller = select.poll()
-        for fd in (sock_fd, wake_fd, int(monitor.getsockopt(zmq.FD))):
+        for fd in (int(sock.getsockopt(zmq.FD)), wake_fd, monitor_fd):
             poller.register(fd, select.POLLIN)
         items: list[tuple[Any, int]] = [(sock, POLLIN)]
         flush = self._flush
-        signalled = False
+        recv_batch = self._io.recv_batch
+        oversized: list[tuple[bytes, int]] = []
         probes = self._probes
         limit = self.max_msg_size
         clock = time.monotonic
@@ -196,11 +199,12 @@ class BrokerServer:
         self._drain_monitor(monitor, clock())
         self.ready.set()
         log.info(
-            "broker serving on %s (heartbeat %d ms x %d, request TTL %g s, %s)",
+            "broker serving on %s (heartbeat %d ms x %d, request TTL %g s, socket I/O %s, %s)",
             ", ".join(self.bound),
             round(core.config.heartbeat_interval * 1000),
             core.config.liveness,
             core.config.request_ttl,
+            "compiled" if fastzmq.compiled()[0] else f"in Python: {fastzmq.compiled()[1]}",
             "CURVE"
             if auth is not None
             else "UNAUTHENTICATED, --insecure"
@@ -220,26 +224,24 @@ class BrokerServer:
                         auth.prune(core.workers)
                     if outbox:
                         flush(sock)
-                # Drain in batches, each reply sent as soon as the core produced it.
+                # Drain in batches, each reply sent as soon as the core produced it. A call
+                # that finds nothing waiting is the check libzmq wants before the next sleep.
                 if auth is None:
                     drained = 0
                     while drained < BATCH:
-                        # Woken by the socket's fd: a message most likely waits, and receiving
-                        # it processes libzmq's pending commands just as asking first would.
-                        if not (signalled or zmq_poll(items, 0)):
+                        batch = recv_batch(BATCH - drained, limit, oversized)
+                        if oversized:
+                            drained += len(oversized)
+                            for sender, size in oversized:
+                                self._oversized(OversizedMessage(sender, size))
+                            oversized.clear()
+                        elif not batch:
                             break
-                        signalled = False
-                        try:
-                            frames = recv_frames_limited(sock, limit)
-                        except zmq.Again:  # woken, but no message after all
-                            continue
-                        except OversizedMessage as exc:
-                            self._oversized(exc)
-                        else:
-                            handle(frames[0], frames[1:], now)
+                        drained += len(batch)
+                        for identity, frames in batch:
+                            handle(identity, frames, now)
                             if outbox:
                                 flush(sock)
-                        drained += 1
                 else:
                     if auth.lists.generation != generation:
                         generation = auth.lists.generation
@@ -249,13 +251,10 @@ class BrokerServer:
                     continue  # more may be waiting: no sleep, but timers first
                 due = min(next_tick, probes[0]) if probes else next_tick
                 timeout = max(0, math.ceil((due - clock()) * 1000))
-                signalled = False
                 for fd, _ in poller.poll(timeout):
-                    if fd == sock_fd:
-                        signalled = True
-                    elif fd == wake_fd:
+                    if fd == wake_fd:
                         self._drain_wake()
-                    else:
+                    elif fd == monitor_fd:
                         self._drain_monitor(monitor, clock())
             core.disconnect_all()
             self._flush(sock)
@@ -354,23 +353,21 @@ class BrokerServer:
 
     def _flush(self, sock: zmq.Socket[bytes]) -> None:
         core = self.core
-        stats = core.stats
         outbox = core.outbox
-        i = 0
-        # `unroutable` may add messages (a requeued request given to another worker).
-        while i < len(outbox):
-            frames = outbox[i]
-            i += 1
-            try:
-                send_frames(sock, frames)
-            except zmq.Again:
+        send_from = self._io.send_from
+        failed = send_from(outbox, 0)
+        while failed is not None:
+            i, err = failed
+            if err == EAGAIN:
                 # The peer's pipe is full: drop rather than stall every peer.
-                stats.unroutable += 1
-            except zmq.ZMQError as exc:
-                if exc.errno != errno.EHOSTUNREACH:
-                    raise
-                # The peer's connection is gone (ROUTER_MANDATORY): tell the core.
-                core.unroutable(frames[0], frames, time.monotonic())
+                core.stats.unroutable += 1
+            elif err == EHOSTUNREACH:
+                # The peer's connection is gone (ROUTER_MANDATORY): tell the core, which may
+                # add messages (a requeued request given to another worker).
+                core.unroutable(outbox[i][0], outbox[i], time.monotonic())
+            else:
+                raise zmq.ZMQError(err)
+            failed = send_from(outbox, i + 1)
         outbox.clear()
 
     # ---------------------------------------------------------------------------------------

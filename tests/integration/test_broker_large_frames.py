@@ -1,5 +1,9 @@
 """Body frames of every size cross the broker byte-exact; the broker passes large frames
-through without copying them (mdp.fastzmq), and that must never change what arrives."""
+through without copying them (mdp.fastzmq), and that must never change what arrives.
+
+Every test runs against a broker on each socket-I/O path: the compiled module and pure Python
+(MDP_PURE_PYTHON=1), which a machine without a C compiler at install time uses.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,29 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
+from mdp import fastzmq
+from tests.support import Process, free_tcp_endpoint, start_broker
+
 SIZES = [0, 1, 4095, 4096, 4097, 65_536, 1 << 20]
+
+
+@pytest.fixture(params=["compiled", "pure-python"])
+def broker_endpoint(request: pytest.FixtureRequest) -> Iterator[str]:
+    compiled = request.param == "compiled"
+    if compiled and not fastzmq.compiled()[0]:
+        pytest.skip(f"the compiled module is not in use: {fastzmq.compiled()[1]}")
+    endpoint = free_tcp_endpoint()
+    proc: Process = start_broker(endpoint, env={} if compiled else {"MDP_PURE_PYTHON": "1"})
+    try:
+        # The broker says which path it took when it starts serving.
+        said = b"socket I/O compiled" if compiled else b"socket I/O in Python"
+        deadline = time.monotonic() + 10
+        while said not in proc.output()[1]:
+            assert time.monotonic() < deadline, proc.output()[1]
+            time.sleep(0.02)
+        yield endpoint
+    finally:
+        proc.stop()
 
 
 @pytest.fixture
