@@ -417,7 +417,10 @@ def py_spy_path() -> str | None:
 
 # Where a worker sample goes: the first marker found from the innermost frame outwards decides.
 PROFILE_CATEGORIES: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
-    ("spawning the command (subprocess.Popen: pipes, fork/exec)", ("Popen.",)),
+    (
+        "spawning the command (posix_spawn or Popen: pipes, fork/exec, reaping)",
+        ("Popen.", "_posix_spawn", "_Spawned.", "_start"),
+    ),
     ("telling the watchdog (+PGID/-PGID)", ("Watchdog.",)),
     (
         "following the child (pidfd, pipe readers, output, timers)",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from services import execution
 from services.bodies import CommandResult, Output, Progress
 from services.execution import Limits, run_process
 
@@ -224,3 +225,50 @@ async def test_cancellation_kills_the_group() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     await wait_group_dead(int(next(e for e in seen if isinstance(e, Output)).data))
+
+
+# Both ways of starting a command: os.posix_spawn (the common case) and subprocess.Popen (a
+# working directory, a user switch or resource limits need it).
+START_PATHS = [pytest.param({}, id="posix_spawn"), pytest.param({"cwd": "/"}, id="popen")]
+
+
+@pytest.mark.parametrize("how", START_PATHS)
+async def test_the_command_gets_only_the_standard_descriptors(
+    how: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A descriptor the worker inherited from whoever started it (the first command of a process
+    # makes those close-on-exec: here, as if this were that first command).
+    monkeypatch.setattr(execution, "_INHERITED_CLEARED", False)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    try:
+        outcome, _ = await run(["/bin/sh", "-c", "ls /proc/$$/fd; true"], **how)
+    finally:
+        os.close(fd)
+    assert outcome.stdout.split() == [b"0", b"1", b"2"]
+
+
+@pytest.mark.parametrize("how", START_PATHS)
+async def test_sigpipe_kills_the_command_as_in_a_shell(how: dict[str, str]) -> None:
+    # Python ignores SIGPIPE; the command must not inherit that: `yes` dies of it quietly
+    # instead of complaining about a broken pipe.
+    outcome, _ = await run(["/bin/sh", "-c", "yes | head -n 1"], **how)
+    assert (outcome.status, outcome.stdout, outcome.stderr) == ("ok", b"y\n", b"")
+
+
+async def test_the_command_is_looked_up_in_its_own_path(tmp_path: Path) -> None:
+    denied = tmp_path / "denied"
+    (denied / "mdp-test-tool").mkdir(parents=True)  # a directory by that name: EACCES
+    found = tmp_path / "found"
+    found.mkdir()
+    tool = found / "mdp-test-tool"
+    tool.write_text("#!/bin/sh\necho from $0\n")
+    tool.chmod(0o755)
+    path = f"{tmp_path / 'missing'}:{denied}:{found}:/usr/bin:/bin"
+    outcome, _ = await run(["mdp-test-tool"], env={"PATH": path})
+    assert (outcome.status, outcome.stdout) == ("ok", f"from {tool}\n".encode())
+    tool.unlink()  # now only the directory: the first error other than "not found" is told
+    outcome, _ = await run(["mdp-test-tool"], env={"PATH": path})
+    assert (outcome.status, outcome.message) == ("error", "permission denied: mdp-test-tool")
+    outcome, _ = await run(["mdp-test-tool"], env={"PATH": "/usr/bin:/bin"})
+    assert (outcome.status, outcome.message) == ("error", "not found: mdp-test-tool")
