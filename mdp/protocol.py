@@ -25,7 +25,7 @@ A peer is answered in the framing it used. An RFC 7 REPLY is treated as FINAL.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from mdp.errors import ProtocolError
@@ -217,14 +217,20 @@ class WorkerFraming:
     version: Version
     envelope: bool
     header: bytes
+    heads: dict[Command, tuple[bytes, ...]] = field(init=False, repr=False, compare=False)
+    """`head()` of every command of this version, computed once (the broker's hot path)."""
+
+    def __post_init__(self) -> None:
+        table = _W01_ENCODE if self.version is Version.V01 else _W02_ENCODE
+        prefix = (EMPTY, self.header) if self.envelope else (self.header,)
+        object.__setattr__(self, "heads", {c: (*prefix, byte) for c, byte in table.items()})
 
     def head(self, command: Command) -> tuple[bytes, ...]:
         """The frames before a command's arguments: [""], header, command byte."""
-        table = _W01_ENCODE if self.version is Version.V01 else _W02_ENCODE
-        byte = table.get(command)
-        if byte is None:
+        head = self.heads.get(command)
+        if head is None:
             raise ProtocolError(f"{command.name} does not exist in MDP/{self.version}")
-        return (EMPTY, self.header, byte) if self.envelope else (self.header, byte)
+        return head
 
     def command(self, command: Command, *args: bytes) -> list[bytes]:
         """A complete command: READY(service), HEARTBEAT(), DISCONNECT()."""

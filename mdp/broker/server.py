@@ -187,6 +187,8 @@ class BrokerServer:
         items: list[tuple[Any, int]] = [(sock, POLLIN)]
         flush = self._flush
         recv_batch = self._io.recv_batch
+        send_from = self._io.send_from
+        settle = self._settle
         oversized: list[tuple[bytes, int]] = []
         probes = self._probes
         limit = self.max_msg_size
@@ -241,7 +243,12 @@ class BrokerServer:
                         for identity, frames in batch:
                             handle(identity, frames, now)
                             if outbox:
-                                flush(sock)
+                                # _flush inline: this is the hot path.
+                                failed = send_from(outbox, 0)
+                                if failed is None:
+                                    outbox.clear()
+                                else:
+                                    settle(failed)
                 else:
                     if auth.lists.generation != generation:
                         generation = auth.lists.generation
@@ -352,10 +359,16 @@ class BrokerServer:
             self._probes[:] = merged
 
     def _flush(self, sock: zmq.Socket[bytes]) -> None:
+        """Send the core's outbox and clear it."""
+        self._settle(self._io.send_from(self.core.outbox, 0))
+
+    def _settle(self, failed: tuple[int, int] | None) -> None:
+        """After `send_from(outbox, ...)` returned `failed`: deal with each refused message, send
+        the rest, and clear the outbox. Nothing is sent twice: libzmq refuses a message at its
+        first frame, and only the messages after a refused one are sent again."""
         core = self.core
         outbox = core.outbox
         send_from = self._io.send_from
-        failed = send_from(outbox, 0)
         while failed is not None:
             i, err = failed
             if err == EAGAIN:
