@@ -510,6 +510,7 @@ def render(data: RunData, command_line: str) -> str:
                 ["pyzmq / libzmq", f"{m['pyzmq']} / {m['libzmq']}"],
                 ["majortomo", m["majortomo"]],
                 ["mdp commit", m["commit"]],
+                ["Our broker's socket I/O", m.get("socket_io", "not recorded")],
                 ["Load average (1/5/15 min) at start", load],
                 ["Load average at end", load_end],
                 ["Waited for a quiet machine", f"{data.quiet_wait_s:.0f} s"],

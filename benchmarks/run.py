@@ -159,6 +159,10 @@ def machine_info() -> dict[str, str]:
     """CPU, cores, RAM, OS and library versions, for the report."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from mdp.fastzmq import compiled as fastzmq_compiled
+
+    compiled, why = fastzmq_compiled()
+
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -192,6 +196,8 @@ def machine_info() -> dict[str, str]:
         "libzmq": zmq.zmq_version(),
         "majortomo": majortomo,
         "commit": commit or "unknown",
+        # Our broker runs from this same installation, with this environment.
+        "socket_io": "compiled (mdp/_fastzmq.c)" if compiled else f"Python: {why}",
     }
 
 
