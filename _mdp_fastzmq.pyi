@@ -1,4 +1,5 @@
 # Types of the optional C module built from mdp/_fastzmq.c (see mdp.fastzmq, hatch_build.py).
+from collections.abc import Callable
 from typing import Any
 
 SOURCE_HASH: str
@@ -13,7 +14,12 @@ class Frame:
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def bind(addresses: tuple[int | None, ...], error_class: type[BaseException], /) -> None: ...
-def recv_batch(
-    handle: int, most: int, limit: int, oversized: list[tuple[bytes, int]], /
-) -> list[tuple[bytes, list[Any]]]: ...
+def drain(
+    handle: int,
+    most: int,
+    limit: int,
+    on_message: Callable[[bytes, list[Any]], object],
+    on_oversized: Callable[[bytes, int], object],
+    /,
+) -> int: ...
 def send_from(handle: int, outbox: list[Any], start: int, /) -> tuple[int, int] | None: ...

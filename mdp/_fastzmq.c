@@ -2,8 +2,11 @@
  *
  * Why: pyzmq moves one frame per Python-level call (receive, then ask whether more follows;
  * send with a flag), so a five-frame MDP message costs a dozen calls through pyzmq's wrappers
- * each way. Here one call drains every waiting message (up to a count) and one call sends a
- * whole outbox, with the same libzmq calls pyzmq makes underneath. `mdp.fastzmq` is the only
+ * each way. Here one call drains every waiting message (up to a count), handing each to a
+ * callback, and one call sends a whole outbox, with the same libzmq calls pyzmq makes
+ * underneath. The callback runs before the next receive, so the receive that ends a drain
+ * (finding nothing) comes after every send the callbacks made: that is the check libzmq's
+ * edge-triggered fd needs before the caller sleeps on it, made once per drain. `mdp.fastzmq` is the only
  * user and keeps a pure-Python path with the same semantics for when this module is absent.
  *
  * No link to libzmq: the socket must belong to the libzmq that pyzmq loaded (pyzmq bundles its
@@ -154,18 +157,81 @@ static PyObject *frame_object(zmq_msg_t *msg, size_t size) {
     return (PyObject *)frame;
 }
 
-PyDoc_STRVAR(recv_batch_doc,
-"recv_batch(handle, most, limit, oversized) -> list[tuple[bytes, list]]\n\n"
-"Receive up to `most` whole messages without blocking from the libzmq socket at address\n"
-"`handle` (pyzmq's Socket.underlying); stops early when none is waiting. Each message is\n"
-"(first frame, [the other frames]). A message with a frame after the first larger than\n"
-"`limit` bytes is consumed and dropped, and (first frame, size) is appended to `oversized`.\n"
-"Raises zmq.ZMQError for a failure other than 'nothing waiting' before any message was read.");
+/* Receive one whole message without blocking. Returns 1 with *first, *rest (new references)
+ * and *biggest (the largest frame after the first), 0 when none is waiting, -1 with an
+ * exception set (a libzmq error: *err; or out of memory: *err is 0). */
+static int recv_message(void *sock, PyObject **first, PyObject **rest, size_t *biggest,
+                        int *err) {
+    zmq_msg_t msg;
+    for (;;) {
+        z_msg_init(&msg);
+        if (z_msg_recv(&msg, sock, ZMQ_DONTWAIT) >= 0)
+            break;
+        *err = z_errno();
+        z_msg_close(&msg);
+        if (*err == EAGAIN)
+            return 0;
+        if (*err != EINTR)
+            return -1;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+    *err = 0;
+    size_t size = z_msg_size(&msg);
+    int more = z_msg_more(&msg);
+    *first = frame_object(&msg, size);
+    z_msg_close(&msg);
+    *rest = *first == NULL ? NULL : PyList_New(0);
+    *biggest = 0;
+    while (*rest != NULL && more) {
+        z_msg_init(&msg);
+        /* The rest of a message is always there once its first frame was read. */
+        int rc;
+        while ((rc = z_msg_recv(&msg, sock, ZMQ_DONTWAIT)) < 0 && z_errno() == EINTR)
+            ;
+        if (rc < 0) {
+            *err = z_errno();
+            z_msg_close(&msg);
+            Py_CLEAR(*rest);
+            raise_zmq(*err);
+            break;
+        }
+        size = z_msg_size(&msg);
+        more = z_msg_more(&msg);
+        if (size > *biggest)
+            *biggest = size;
+        PyObject *frame = frame_object(&msg, size);
+        z_msg_close(&msg);
+        if (frame == NULL || PyList_Append(*rest, frame) < 0) {
+            Py_XDECREF(frame);
+            Py_CLEAR(*rest);
+            break;
+        }
+        Py_DECREF(frame);
+    }
+    if (*rest == NULL) {
+        Py_CLEAR(*first);
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return -1;
+    }
+    return 1;
+}
 
-static PyObject *fz_recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+PyDoc_STRVAR(drain_doc,
+"drain(handle, most, limit, on_message, on_oversized) -> int\n\n"
+"Receive up to `most` whole messages without blocking from the libzmq socket at address\n"
+"`handle` (pyzmq's Socket.underlying), calling on_message(first frame, [the other frames])\n"
+"for each before receiving the next. A message with a frame after the first larger than\n"
+"`limit` bytes is consumed and dropped, and on_oversized(first frame, size) called instead.\n"
+"Returns how many messages were read: fewer than `most` means the last receive found\n"
+"nothing waiting, after every callback had run. An exception from a callback propagates;\n"
+"a libzmq error raises zmq.ZMQError if no message was read yet.");
+
+static PyObject *fz_drain(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "recv_batch takes 4 arguments");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 5 arguments");
         return NULL;
     }
     if (!bound())
@@ -173,91 +239,43 @@ static PyObject *fz_recv_batch(PyObject *module, PyObject *const *args, Py_ssize
     void *sock = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t most = PyLong_AsSsize_t(args[1]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
-    PyObject *oversized = args[3];
+    PyObject *on_message = args[3];
+    PyObject *on_oversized = args[4];
     if (PyErr_Occurred())
         return NULL;
-    if (!PyList_Check(oversized)) {
-        PyErr_SetString(PyExc_TypeError, "oversized must be a list");
-        return NULL;
-    }
-    PyObject *batch = PyList_New(0);
-    if (batch == NULL)
-        return NULL;
-    zmq_msg_t msg;
     Py_ssize_t got = 0;
     while (got < most) {
-        z_msg_init(&msg);
-        if (z_msg_recv(&msg, sock, ZMQ_DONTWAIT) < 0) {
-            int err = z_errno();
-            z_msg_close(&msg);
-            if (err == EAGAIN)
-                break;
-            if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto fail;
-                continue;
-            }
-            if (PyList_GET_SIZE(batch) > 0)
+        PyObject *first, *rest;
+        size_t biggest;
+        int err;
+        int rc = recv_message(sock, &first, &rest, &biggest, &err);
+        if (rc == 0)
+            break;
+        if (rc < 0) {
+            if (err != 0 && got > 0 && !PyErr_Occurred())
                 break; /* hand over what was read; the next call meets the error again */
-            raise_zmq(err);
-            goto fail;
+            if (err != 0 && !PyErr_Occurred())
+                raise_zmq(err);
+            return NULL;
         }
         got++;
-        size_t size = z_msg_size(&msg);
-        int more = z_msg_more(&msg);
-        PyObject *first = frame_object(&msg, size);
-        z_msg_close(&msg);
-        PyObject *rest = first == NULL ? NULL : PyList_New(0);
-        size_t biggest = 0;
-        while (rest != NULL && more) {
-            z_msg_init(&msg);
-            /* The rest of a message is always there once its first frame was read. */
-            while (z_msg_recv(&msg, sock, ZMQ_DONTWAIT) < 0) {
-                int err = z_errno();
-                if (err == EINTR)
-                    continue;
-                z_msg_close(&msg);
-                Py_CLEAR(rest);
-                raise_zmq(err);
-                break;
-            }
-            if (rest == NULL)
-                break;
-            size = z_msg_size(&msg);
-            more = z_msg_more(&msg);
-            if (size > biggest)
-                biggest = size;
-            PyObject *frame = frame_object(&msg, size);
-            z_msg_close(&msg);
-            if (frame == NULL || PyList_Append(rest, frame) < 0) {
-                Py_XDECREF(frame);
-                Py_CLEAR(rest);
-                break;
-            }
-            Py_DECREF(frame);
+        PyObject *result;
+        if (limit >= 0 && biggest > (size_t)limit) {
+            PyObject *size = PyLong_FromSize_t(biggest);
+            PyObject *call[2] = {first, size};
+            result = size == NULL ? NULL : PyObject_Vectorcall(on_oversized, call, 2, NULL);
+            Py_XDECREF(size);
+        } else {
+            PyObject *call[2] = {first, rest};
+            result = PyObject_Vectorcall(on_message, call, 2, NULL);
         }
-        if (rest == NULL) {
-            Py_XDECREF(first);
-            goto fail;
-        }
-        PyObject *item;
-        if (limit >= 0 && biggest > (size_t)limit)
-            item = Py_BuildValue("(On)", first, (Py_ssize_t)biggest);
-        else
-            item = PyTuple_Pack(2, first, rest);
         Py_DECREF(first);
         Py_DECREF(rest);
-        if (item == NULL)
-            goto fail;
-        int rc = PyList_Append(biggest > (size_t)limit && limit >= 0 ? oversized : batch, item);
-        Py_DECREF(item);
-        if (rc < 0)
-            goto fail;
+        if (result == NULL)
+            return NULL;
+        Py_DECREF(result);
     }
-    return batch;
-fail:
-    Py_DECREF(batch);
-    return NULL;
+    return PyLong_FromSsize_t(got);
 }
 
 /* Send one frame; returns 0 or libzmq's errno. */
@@ -351,7 +369,7 @@ static PyObject *fz_send_from(PyObject *module, PyObject *const *args, Py_ssize_
 static PyMethodDef methods[] = {
     {"bind", (PyCFunction)fz_bind, METH_VARARGS,
      "bind(addresses, error_class): the 11 libzmq function addresses (see mdp.fastzmq)."},
-    {"recv_batch", (PyCFunction)(void (*)(void))fz_recv_batch, METH_FASTCALL, recv_batch_doc},
+    {"drain", (PyCFunction)(void (*)(void))fz_drain, METH_FASTCALL, drain_doc},
     {"send_from", (PyCFunction)(void (*)(void))fz_send_from, METH_FASTCALL, send_from_doc},
     {NULL, NULL, 0, NULL},
 };

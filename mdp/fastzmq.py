@@ -7,9 +7,10 @@ functions here call the compiled backend methods directly with plain-int flags. 
 semantics, bytes frames only.
 
 `batch_io(sock)` goes one step further for the broker: one call receives every waiting
-message, one call sends a whole outbox. With the optional C module `_mdp_fastzmq` (built from
-`mdp/_fastzmq.c` at install time when a C compiler is present, see `hatch_build.py`) each is a
-single call into C; without it, the same semantics in Python on the functions below.
+message (handing each to a callback), one call sends a whole outbox. With the optional C
+module `_mdp_fastzmq` (built from `mdp/_fastzmq.c` at install time when a C compiler is
+present, see `hatch_build.py`) each is a single call into C; without it, the same semantics in
+Python on the functions below.
 `MDP_PURE_PYTHON=1` in the environment turns the C module off (for comparisons and tests);
 `compiled()` says which path this process uses, and why.
 """
@@ -76,36 +77,6 @@ def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
     return parts
 
 
-class OversizedMessage(Exception):
-    """`recv_frames` read a whole message with a frame over its `limit` (the message is
-    consumed and dropped)."""
-
-    def __init__(self, sender: bytes, size: int) -> None:
-        super().__init__(f"a frame of {size} bytes")
-        self.sender = sender
-        self.size = size
-
-
-def recv_frames_limited(sock: zmq.Socket[bytes], limit: int) -> list[bytes]:
-    """`recv_frames`, but raises OversizedMessage (after consuming the whole message) when a
-    frame is larger than `limit`. Only frames of BIG_FRAME bytes or more are measured."""
-    frame = _recv(sock, NOBLOCK, False)
-    parts: list[Any] = [frame.bytes]
-    biggest = 0
-    while frame.more:
-        frame = _recv(sock, NOBLOCK, False)
-        size = len(frame)
-        if size < BIG_FRAME:
-            parts.append(frame.bytes)
-        else:
-            parts.append(frame)
-            if size > biggest:
-                biggest = size
-    if biggest > limit:
-        raise OversizedMessage(parts[0], biggest)
-    return parts
-
-
 def readable(sock: zmq.Socket[bytes]) -> bool:
     """True if a whole message is waiting (cheaper than catching zmq.Again)."""
     return bool(_get(sock, _EVENTS) & POLLIN)
@@ -124,9 +95,6 @@ def recv_bytes(sock: zmq.Socket[bytes]) -> list[bytes]:
 # ---------------------------------------------------------------------------------------------
 # Batches: the broker's whole-outbox send and drain-everything receive
 
-Message = tuple[bytes, list[Any]]
-"""A received message: its first frame (the ROUTER identity) and the other frames."""
-
 EAGAIN: Final = errno.EAGAIN
 EHOSTUNREACH: Final = errno.EHOSTUNREACH
 
@@ -134,26 +102,36 @@ EHOSTUNREACH: Final = errno.EHOSTUNREACH
 class BatchIO(NamedTuple):
     """The batch functions bound to one socket (see `batch_io`)."""
 
-    recv_batch: Callable[[int, int, list[tuple[bytes, int]]], list[Message]]
-    """`recv_batch(most, limit, oversized)`: up to `most` waiting messages, without blocking
-    (an empty list when none waits; that call also counts as the check libzmq wants before
-    sleeping on its fd). A message with a frame after the first over `limit` bytes is
-    consumed, left out, and reported as (first frame, size) in `oversized`."""
+    drain: Callable[
+        [int, int, Callable[[bytes, list[Any]], object], Callable[[bytes, int], object]], int
+    ]
+    """`drain(most, limit, on_message, on_oversized)`: receive up to `most` waiting messages
+    without blocking, calling `on_message(first frame, [other frames])` for each before the
+    next receive; returns how many were read. Fewer than `most` means the last receive found
+    nothing, after every callback (and every send it made) had run: that receive is the check
+    libzmq wants before the caller sleeps on the socket's fd. A message with a frame after the
+    first over `limit` bytes is consumed and `on_oversized(first frame, size)` called instead.
+    A callback's exception propagates."""
     send_from: Callable[[list[Any], int], tuple[int, int] | None]
     """`send_from(outbox, start)`: send outbox[start:] without blocking. None when all went;
     else (index, errno) of the first message libzmq refused (EAGAIN: the peer's pipe is full;
     EHOSTUNREACH: no such peer), and the ones after it were not sent."""
 
 
-def _py_recv_batch(
-    sock: zmq.Socket[bytes], most: int, limit: int, oversized: list[tuple[bytes, int]]
-) -> list[Message]:
-    batch: list[Message] = []
-    for _ in range(most):
+def _py_drain(
+    sock: zmq.Socket[bytes],
+    most: int,
+    limit: int,
+    on_message: Callable[[bytes, list[Any]], object],
+    on_oversized: Callable[[bytes, int], object],
+) -> int:
+    got = 0
+    while got < most:
         try:
             frame = _recv(sock, NOBLOCK, False)
         except zmq.Again:
             break
+        got += 1
         first = frame.bytes
         rest: list[Any] = []
         biggest = 0
@@ -164,10 +142,10 @@ def _py_recv_batch(
             if size > biggest:
                 biggest = size
         if biggest > limit:
-            oversized.append((first, biggest))
+            on_oversized(first, biggest)
         else:
-            batch.append((first, rest))
-    return batch
+            on_message(first, rest)
+    return got
 
 
 def _py_send_from(sock: zmq.Socket[bytes], outbox: list[Any], start: int) -> tuple[int, int] | None:
@@ -255,5 +233,5 @@ def batch_io(sock: zmq.Socket[bytes], *, compiled: bool = True) -> BatchIO:
     module = _module()[0] if compiled else None
     if module is not None:
         handle = sock.underlying
-        return BatchIO(partial(module.recv_batch, handle), partial(module.send_from, handle))
-    return BatchIO(partial(_py_recv_batch, sock), partial(_py_send_from, sock))
+        return BatchIO(partial(module.drain, handle), partial(module.send_from, handle))
+    return BatchIO(partial(_py_drain, sock), partial(_py_send_from, sock))

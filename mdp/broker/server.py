@@ -31,7 +31,7 @@ from mdp.broker import boundary
 from mdp.broker.core import BrokerConfig, BrokerCore
 from mdp.endpoints import check_endpoint, unauthenticated_endpoints
 from mdp.errors import MDPError
-from mdp.fastzmq import EAGAIN, EHOSTUNREACH, POLLIN, OversizedMessage, batch_io, readable
+from mdp.fastzmq import EAGAIN, EHOSTUNREACH, POLLIN, batch_io, readable
 from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 from mdp.security import BrokerAuth
 
@@ -186,10 +186,10 @@ class BrokerServer:
             poller.register(fd, select.POLLIN)
         items: list[tuple[Any, int]] = [(sock, POLLIN)]
         flush = self._flush
-        recv_batch = self._io.recv_batch
+        drain = self._io.drain
         send_from = self._io.send_from
         settle = self._settle
-        oversized: list[tuple[bytes, int]] = []
+        oversized = self._oversized
         probes = self._probes
         limit = self.max_msg_size
         clock = time.monotonic
@@ -213,6 +213,18 @@ class BrokerServer:
             if self.core.unauthenticated
             else "no authentication: ipc/inproc only",
         )
+
+        def on_message(identity: bytes, frames: list[Any]) -> None:
+            handle(identity, frames, now)
+            if outbox:
+                # _flush inline: this is the hot path.
+                failed = send_from(outbox, 0)
+                if failed is None:
+                    outbox.clear()
+                else:
+                    settle(failed)
+
+        now = clock()
         try:
             while not self._stopping:
                 now = clock()
@@ -226,29 +238,11 @@ class BrokerServer:
                         auth.prune(core.workers)
                     if outbox:
                         flush(sock)
-                # Drain in batches, each reply sent as soon as the core produced it. A call
-                # that finds nothing waiting is the check libzmq wants before the next sleep.
+                # Drain in batches, each reply sent as soon as the core produced it. The drain
+                # ends on a receive that found nothing, after the last send: the check libzmq
+                # wants before the next sleep.
                 if auth is None:
-                    drained = 0
-                    while drained < BATCH:
-                        batch = recv_batch(BATCH - drained, limit, oversized)
-                        if oversized:
-                            drained += len(oversized)
-                            for sender, size in oversized:
-                                self._oversized(OversizedMessage(sender, size))
-                            oversized.clear()
-                        elif not batch:
-                            break
-                        drained += len(batch)
-                        for identity, frames in batch:
-                            handle(identity, frames, now)
-                            if outbox:
-                                # _flush inline: this is the hot path.
-                                failed = send_from(outbox, 0)
-                                if failed is None:
-                                    outbox.clear()
-                                else:
-                                    settle(failed)
+                    drained = drain(BATCH, limit, on_message, oversized)
                 else:
                     if auth.lists.generation != generation:
                         generation = auth.lists.generation
@@ -307,7 +301,7 @@ class BrokerServer:
                 frames.append(_recv(sock, _NOBLOCK))
                 biggest = max(biggest, len(frames[-1]))
             if biggest > self.max_msg_size:
-                self._oversized(OversizedMessage(frames[0], biggest))
+                self._oversized(frames[0], biggest)
                 continue
             try:
                 user_id = first.get("User-Id")
@@ -334,12 +328,12 @@ class BrokerServer:
                 )
                 core.expel(identity)
 
-    def _oversized(self, exc: OversizedMessage) -> None:
+    def _oversized(self, sender: bytes, size: int) -> None:
         self.core.stats.oversized_messages += 1
         log.warning(
             "dropped a message from %s: a frame of %d bytes is over --max-msg-size (%d)",
-            exc.sender.hex(),
-            exc.size,
+            sender.hex(),
+            size,
             self.max_msg_size,
         )
 

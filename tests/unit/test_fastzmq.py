@@ -13,6 +13,7 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -50,22 +51,43 @@ def io_for(sock: zmq.Socket[bytes], path: str) -> fastzmq.BatchIO:
     return fastzmq.batch_io(sock, compiled=path == "compiled")
 
 
+Message = tuple[bytes, list[Any]]
+
+
+def drain_once(
+    io: fastzmq.BatchIO, most: int = 100, limit: int = 1 << 30
+) -> tuple[int, list[Message], list[tuple[bytes, int]]]:
+    """One drain: (its return value, the messages and the oversized reports it handed over)."""
+    got: list[Message] = []
+    oversized: list[tuple[bytes, int]] = []
+    count = io.drain(
+        most,
+        limit,
+        lambda first, rest: got.append((first, rest)),
+        lambda first, size: oversized.append((first, size)),
+    )
+    return count, got, oversized
+
+
 def receive(
     io: fastzmq.BatchIO, count: int, limit: int = 1 << 30
-) -> tuple[list[fastzmq.Message], list[tuple[bytes, int]]]:
-    """Batches until `count` messages (or oversized reports) arrived; bounded by a deadline."""
-    got: list[fastzmq.Message] = []
+) -> tuple[list[Message], list[tuple[bytes, int]]]:
+    """Drains until `count` messages (or oversized reports) arrived; bounded by a deadline."""
+    got: list[Message] = []
     oversized: list[tuple[bytes, int]] = []
     deadline = time.monotonic() + 5
     while len(got) + len(oversized) < count:
         assert time.monotonic() < deadline, f"only {len(got)} of {count} messages arrived"
-        got += io.recv_batch(100, limit, oversized)
+        n, messages, reports = drain_once(io, limit=limit)
+        assert n == len(messages) + len(reports)
+        got += messages
+        oversized += reports
     return got, oversized
 
 
-def test_nothing_waiting_is_an_empty_batch(pair, path):
+def test_nothing_waiting_is_an_empty_drain(pair, path):
     router, _ = pair
-    assert io_for(router, path).recv_batch(10, 1 << 20, []) == []
+    assert drain_once(io_for(router, path)) == (0, [], [])
 
 
 def test_messages_arrive_whole_in_order_with_small_frames_as_bytes(pair, path):
@@ -81,19 +103,51 @@ def test_messages_arrive_whole_in_order_with_small_frames_as_bytes(pair, path):
     assert all(type(frame) is bytes for _, frames in got for frame in frames)
 
 
-def test_a_batch_stops_at_most(pair, path):
+def test_a_drain_stops_at_most(pair, path):
     router, dealer = pair
     for _ in range(3):
         dealer.send(b"x")
     io = io_for(router, path)
     deadline = time.monotonic() + 5
-    first: list[fastzmq.Message] = []
+    first: list[Message] = []
     while not first:
         assert time.monotonic() < deadline
-        first = io.recv_batch(1, 1 << 20, [])
+        count, first, _ = drain_once(io, most=1)
+    assert count == 1
     assert len(first) == 1
     rest, _ = receive(io, 2)
     assert len(rest) == 2
+
+
+def test_each_message_is_handled_before_the_next_is_received(pair, path):
+    """What the broker relies on: replies sent from the callback go out before the drain's
+    last receive, and a callback's exception stops the drain and reaches the caller."""
+    router, dealer = pair
+    io = io_for(router, path)
+    for i in range(3):
+        dealer.send(b"%d" % i)
+    seen: list[bytes] = []
+
+    def echo(identity: bytes, frames: list[Any]) -> None:
+        seen.append(frames[0])
+        assert io.send_from([[identity, b"re", frames[0]]], 0) is None
+        if frames[0] == b"1":
+            raise KeyError("stop here")
+
+    deadline = time.monotonic() + 5
+    raised = 0
+    while len(seen) < 3:
+        assert time.monotonic() < deadline
+        try:
+            io.drain(100, 1 << 20, echo, lambda first, size: None)
+        except KeyError:
+            raised += 1
+            assert seen[-1] == b"1"  # the drain stopped at the message that raised
+    assert seen == [b"0", b"1", b"2"]
+    assert raised == 1
+    for i in range(3):
+        assert dealer.poll(5000)
+        assert dealer.recv_multipart() == [b"re", b"%d" % i]
 
 
 def test_a_large_frame_is_passed_on_without_change(pair, path):
