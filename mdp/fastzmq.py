@@ -37,7 +37,6 @@ _get: Any = _BackendSocket.get
 NOBLOCK: Final = int(zmq.NOBLOCK)
 SNDMORE: Final = int(zmq.SNDMORE)
 _MORE_NOBLOCK: Final = NOBLOCK | SNDMORE
-_RCVMORE: Final = int(zmq.RCVMORE)
 _EVENTS: Final = int(zmq.EVENTS)
 POLLIN: Final = int(zmq.POLLIN)
 _Frame: Final = zmq.Frame
@@ -48,8 +47,8 @@ BIG_FRAME: Final = 4096
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes | zmq.Frame]) -> None:
     """Send `frames` as one message without blocking; raises zmq.Again / zmq.ZMQError.
 
-    A frame may be a zmq.Frame from `recv_frames`: it is passed on without a copy (libzmq
-    shares the buffer by reference count).
+    A frame may be a zmq.Frame (as `batch_io`'s pure-Python drain hands over large frames):
+    it is passed on without a copy (libzmq shares the buffer by reference count).
     """
     last = len(frames) - 1
     for i in range(last):
@@ -59,31 +58,17 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[bytes | zmq.Frame]) -> N
     _send(sock, frame, NOBLOCK, type(frame) is not _Frame)
 
 
-def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """Receive one whole message without blocking; raises zmq.Again if none is waiting.
-
-    Frames of BIG_FRAME bytes or more stay zmq.Frame objects (opaque bodies, never compared
-    or hashed), so a large body is never copied into Python; `send_frames` passes them on
-    by reference. The rest are bytes.
-    """
-    # Receiving zmq.Frames (copy=False) and reading their `more` flag is cheaper than asking
-    # the socket for RCVMORE after each frame: pyzmq's `get` converts every option number to
-    # a SocketOption enum (two Python-level calls); Frame.more is filled in C.
-    frame = _recv(sock, NOBLOCK, False)
-    parts: list[Any] = [frame.bytes]
-    while frame.more:
-        frame = _recv(sock, NOBLOCK, False)
-        parts.append(frame.bytes if len(frame) < BIG_FRAME else frame)
-    return parts
-
-
 def readable(sock: zmq.Socket[bytes]) -> bool:
     """True if a whole message is waiting (cheaper than catching zmq.Again)."""
     return bool(_get(sock, _EVENTS) & POLLIN)
 
 
 def recv_bytes(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """`recv_frames`, but every frame as bytes (for peers whose handlers want bytes)."""
+    """Receive one whole message without blocking, every frame as bytes; raises zmq.Again if
+    none is waiting."""
+    # Receiving zmq.Frames (copy=False) and reading their `more` flag is cheaper than asking
+    # the socket for RCVMORE after each frame: pyzmq's `get` converts every option number to
+    # a SocketOption enum (two Python-level calls); Frame.more is filled in C.
     frame = _recv(sock, NOBLOCK, False)
     parts = [frame.bytes]
     while frame.more:
