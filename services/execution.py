@@ -151,9 +151,12 @@ class _Run:
             os.set_blocking(proc.stdin.fileno(), False)
             self.loop.add_writer(proc.stdin.fileno(), self._on_writable)
         self.pidfd: int | None = None
+        self.exit_watched = False  # a pidfd in the loop fires when the leader exits
+        self.exit_signalled = False  # ... and it has fired
         with contextlib.suppress(AttributeError, OSError):
             self.pidfd = os.pidfd_open(proc.pid)
             self.loop.add_reader(self.pidfd, self._on_exit)
+            self.exit_watched = True
 
     # -- loop callbacks --------------------------------------------------------------------
 
@@ -178,6 +181,7 @@ class _Run:
     def _on_exit(self) -> None:
         if self.pidfd is not None:  # readable for good once the process exited: stop watching
             self.loop.remove_reader(self.pidfd)
+        self.exit_signalled = True
         self.changed.set()
 
     def _on_writable(self) -> None:
@@ -197,6 +201,8 @@ class _Run:
 
     @property
     def exited(self) -> bool:
+        if self.exit_watched and not self.exit_signalled:
+            return False  # the pidfd fires when it exits: no waitpid needed until then
         return self.proc.poll() is not None
 
     @property
@@ -245,7 +251,7 @@ class _Run:
             wake = min(deadline, self.last_event + self.limits.progress_interval)
             if any(c.pending for c in self.captures):
                 wake = min(wake, self.last_flush + self.limits.flush_interval)
-            if self.pidfd is None and not self.exited:
+            if not self.exit_watched and not self.exited:
                 wake = min(wake, now + _POLL_EXIT)
             self.changed.clear()
             # asyncio.timeout rather than wait_for: no Task per wait (a few µs per command).
