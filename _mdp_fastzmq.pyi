@@ -18,8 +18,9 @@ def drain(
     handle: int,
     most: int,
     limit: int,
-    on_message: Callable[[bytes, list[Any]], object],
+    on_message: Callable[..., object],
     on_oversized: Callable[[bytes, int], object],
+    with_user_id: bool,
     /,
 ) -> int: ...
 def send_from(handle: int, outbox: list[Any], start: int, /) -> tuple[int, int] | None: ...

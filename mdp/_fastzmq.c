@@ -25,6 +25,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <stddef.h>
+#include <string.h>
 
 #ifndef MDP_SOURCE_HASH
 #define MDP_SOURCE_HASH "unknown"
@@ -49,6 +50,7 @@ static size_t (*z_msg_size)(const zmq_msg_t *);
 static int (*z_msg_more)(const zmq_msg_t *);
 static int (*z_send)(void *, const void *, size_t, int);
 static int (*z_errno)(void);
+static const char *(*z_msg_gets)(const zmq_msg_t *, const char *);
 static PyObject *error_class; /* zmq.ZMQError: raised as error_class(errno) */
 
 /* ---------------------------------------------------------------------------------------- */
@@ -116,13 +118,13 @@ static PyObject *raise_zmq(int err) {
 }
 
 static PyObject *fz_bind(PyObject *module, PyObject *args) {
-    unsigned long long a[11];
+    unsigned long long a[12];
     PyObject *cls;
     (void)module;
-    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKK)O", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
-                          &a[6], &a[7], &a[8], &a[9], &a[10], &cls))
+    if (!PyArg_ParseTuple(args, "(KKKKKKKKKKKK)O", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5],
+                          &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &cls))
         return NULL;
-    for (int i = 0; i < 11; i++) {
+    for (int i = 0; i < 12; i++) {
         if (a[i] == 0) {
             PyErr_SetString(PyExc_ValueError, "a libzmq function address is 0");
             return NULL;
@@ -139,6 +141,7 @@ static PyObject *fz_bind(PyObject *module, PyObject *args) {
     z_msg_more = (int (*)(const zmq_msg_t *))(uintptr_t)a[8];
     z_send = (int (*)(void *, const void *, size_t, int))(uintptr_t)a[9];
     z_errno = (int (*)(void))(uintptr_t)a[10];
+    z_msg_gets = (const char *(*)(const zmq_msg_t *, const char *))(uintptr_t)a[11];
     Py_INCREF(cls);
     Py_XSETREF(error_class, cls);
     Py_RETURN_NONE;
@@ -159,9 +162,10 @@ static PyObject *frame_object(zmq_msg_t *msg, size_t size) {
 
 /* Receive one whole message without blocking. Returns 1 with *first, *rest (new references)
  * and *biggest (the largest frame after the first), 0 when none is waiting, -1 with an
- * exception set (a libzmq error: *err; or out of memory: *err is 0). */
+ * exception set (a libzmq error: *err; or out of memory: *err is 0). With `user_id`, also
+ * *user_id (a new reference): the connection's ZAP User-Id (str), or None if it has none. */
 static int recv_message(void *sock, PyObject **first, PyObject **rest, size_t *biggest,
-                        int *err) {
+                        int *err, PyObject **user_id) {
     zmq_msg_t msg;
     for (;;) {
         z_msg_init(&msg);
@@ -177,6 +181,18 @@ static int recv_message(void *sock, PyObject **first, PyObject **rest, size_t *b
             return -1;
     }
     *err = 0;
+    if (user_id != NULL) {
+        const char *value = z_msg_gets(&msg, "User-Id");
+        if (value != NULL) {
+            *user_id = PyUnicode_DecodeUTF8(value, (Py_ssize_t)strlen(value), "replace");
+            if (*user_id == NULL) {
+                z_msg_close(&msg);
+                return -1;
+            }
+        } else {
+            *user_id = Py_NewRef(Py_None);
+        }
+    }
     size_t size = z_msg_size(&msg);
     int more = z_msg_more(&msg);
     *first = frame_object(&msg, size);
@@ -211,6 +227,8 @@ static int recv_message(void *sock, PyObject **first, PyObject **rest, size_t *b
     }
     if (*rest == NULL) {
         Py_CLEAR(*first);
+        if (user_id != NULL)
+            Py_CLEAR(*user_id);
         if (!PyErr_Occurred())
             PyErr_NoMemory();
         return -1;
@@ -219,19 +237,20 @@ static int recv_message(void *sock, PyObject **first, PyObject **rest, size_t *b
 }
 
 PyDoc_STRVAR(drain_doc,
-"drain(handle, most, limit, on_message, on_oversized) -> int\n\n"
+"drain(handle, most, limit, on_message, on_oversized, with_user_id) -> int\n\n"
 "Receive up to `most` whole messages without blocking from the libzmq socket at address\n"
 "`handle` (pyzmq's Socket.underlying), calling on_message(first frame, [the other frames])\n"
 "for each before receiving the next. A message with a frame after the first larger than\n"
 "`limit` bytes is consumed and dropped, and on_oversized(first frame, size) called instead.\n"
 "Returns how many messages were read: fewer than `most` means the last receive found\n"
 "nothing waiting, after every callback had run. An exception from a callback propagates;\n"
-"a libzmq error raises zmq.ZMQError if no message was read yet.");
+"a libzmq error raises zmq.ZMQError if no message was read yet. With `with_user_id` true,\n"
+"on_message gets a third argument: the ZAP User-Id of the sender's connection (str), or None.");
 
 static PyObject *fz_drain(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "drain takes 5 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "drain takes 6 arguments");
         return NULL;
     }
     if (!bound())
@@ -241,14 +260,15 @@ static PyObject *fz_drain(PyObject *module, PyObject *const *args, Py_ssize_t na
     Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
     PyObject *on_message = args[3];
     PyObject *on_oversized = args[4];
-    if (PyErr_Occurred())
+    int with_user_id = PyObject_IsTrue(args[5]);
+    if (with_user_id < 0 || PyErr_Occurred())
         return NULL;
     Py_ssize_t got = 0;
     while (got < most) {
-        PyObject *first, *rest;
+        PyObject *first, *rest, *user_id = NULL;
         size_t biggest;
         int err;
-        int rc = recv_message(sock, &first, &rest, &biggest, &err);
+        int rc = recv_message(sock, &first, &rest, &biggest, &err, with_user_id ? &user_id : NULL);
         if (rc == 0)
             break;
         if (rc < 0) {
@@ -266,11 +286,12 @@ static PyObject *fz_drain(PyObject *module, PyObject *const *args, Py_ssize_t na
             result = size == NULL ? NULL : PyObject_Vectorcall(on_oversized, call, 2, NULL);
             Py_XDECREF(size);
         } else {
-            PyObject *call[2] = {first, rest};
-            result = PyObject_Vectorcall(on_message, call, 2, NULL);
+            PyObject *call[3] = {first, rest, user_id};
+            result = PyObject_Vectorcall(on_message, call, with_user_id ? 3 : 2, NULL);
         }
         Py_DECREF(first);
         Py_DECREF(rest);
+        Py_XDECREF(user_id);
         if (result == NULL)
             return NULL;
         Py_DECREF(result);
@@ -368,7 +389,7 @@ static PyObject *fz_send_from(PyObject *module, PyObject *const *args, Py_ssize_
 
 static PyMethodDef methods[] = {
     {"bind", (PyCFunction)fz_bind, METH_VARARGS,
-     "bind(addresses, error_class): the 11 libzmq function addresses (see mdp.fastzmq)."},
+     "bind(addresses, error_class): the 12 libzmq function addresses (see mdp.fastzmq)."},
     {"drain", (PyCFunction)(void (*)(void))fz_drain, METH_FASTCALL, drain_doc},
     {"send_from", (PyCFunction)(void (*)(void))fz_send_from, METH_FASTCALL, send_from_doc},
     {NULL, NULL, 0, NULL},

@@ -87,16 +87,15 @@ EHOSTUNREACH: Final = errno.EHOSTUNREACH
 class BatchIO(NamedTuple):
     """The batch functions bound to one socket (see `batch_io`)."""
 
-    drain: Callable[
-        [int, int, Callable[[bytes, list[Any]], object], Callable[[bytes, int], object]], int
-    ]
-    """`drain(most, limit, on_message, on_oversized)`: receive up to `most` waiting messages
-    without blocking, calling `on_message(first frame, [other frames])` for each before the
-    next receive; returns how many were read. Fewer than `most` means the last receive found
-    nothing, after every callback (and every send it made) had run: that receive is the check
-    libzmq wants before the caller sleeps on the socket's fd. A message with a frame after the
-    first over `limit` bytes is consumed and `on_oversized(first frame, size)` called instead.
-    A callback's exception propagates."""
+    drain: Callable[[int, int, Callable[..., object], Callable[[bytes, int], object], bool], int]
+    """`drain(most, limit, on_message, on_oversized, with_user_id)`: receive up to `most`
+    waiting messages without blocking, calling `on_message(first frame, [other frames])` for
+    each before the next receive (with `with_user_id`, a third argument: the ZAP User-Id of the
+    sender's connection, or None); returns how many were read. Fewer than `most` means the last
+    receive found nothing, after every callback (and every send it made) had run: that receive
+    is the check libzmq wants before the caller sleeps on the socket's fd. A message with a
+    frame after the first over `limit` bytes is consumed and `on_oversized(first frame, size)`
+    called instead. A callback's exception propagates."""
     send_from: Callable[[list[Any], int], tuple[int, int] | None]
     """`send_from(outbox, start)`: send outbox[start:] without blocking. None when all went;
     else (index, errno) of the first message libzmq refused (EAGAIN: the peer's pipe is full;
@@ -107,8 +106,9 @@ def _py_drain(
     sock: zmq.Socket[bytes],
     most: int,
     limit: int,
-    on_message: Callable[[bytes, list[Any]], object],
+    on_message: Callable[..., object],
     on_oversized: Callable[[bytes, int], object],
+    with_user_id: bool,
 ) -> int:
     got = 0
     while got < most:
@@ -118,6 +118,12 @@ def _py_drain(
             break
         got += 1
         first = frame.bytes
+        user_id: str | None = None
+        if with_user_id:
+            try:
+                user_id = frame.get("User-Id")
+            except zmq.ZMQError:  # no such property: not a connection ZAP approved
+                user_id = None
         rest: list[Any] = []
         biggest = 0
         while frame.more:
@@ -128,6 +134,8 @@ def _py_drain(
                 biggest = size
         if biggest > limit:
             on_oversized(first, biggest)
+        elif with_user_id:
+            on_message(first, rest, user_id)
         else:
             on_message(first, rest)
     return got
@@ -156,6 +164,7 @@ _LIBZMQ_FUNCTIONS: Final = (
     "zmq_msg_more",
     "zmq_send",
     "zmq_errno",
+    "zmq_msg_gets",
 )
 
 

@@ -23,15 +23,13 @@ from types import FrameType
 from typing import Any
 
 import zmq
-from zmq.backend import Socket as _BackendSocket
-from zmq.backend import zmq_poll
 
 from mdp import fastzmq
 from mdp.broker import boundary
 from mdp.broker.core import BrokerConfig, BrokerCore
 from mdp.endpoints import check_endpoint, unauthenticated_endpoints
 from mdp.errors import MDPError
-from mdp.fastzmq import EAGAIN, EHOSTUNREACH, POLLIN, batch_io, readable
+from mdp.fastzmq import EAGAIN, EHOSTUNREACH, batch_io, readable
 from mdp.protocol import DEFAULT_MAX_MSG_SIZE
 from mdp.security import BrokerAuth
 
@@ -47,11 +45,6 @@ PROBE_DELAYS = (0.01, 0.1)
 """After libzmq reports a closed connection, workers are probed after these delays: the
 socket learns of the closed pipe a moment after the monitor event."""
 PROBE_GAP = 0.01
-
-_recv: Any = _BackendSocket.recv
-_get: Any = _BackendSocket.get
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 class InsecureBindError(MDPError):
@@ -184,7 +177,6 @@ class BrokerServer:
         poller = select.poll()
         for fd in (int(sock.getsockopt(zmq.FD)), wake_fd, monitor_fd):
             poller.register(fd, select.POLLIN)
-        items: list[tuple[Any, int]] = [(sock, POLLIN)]
         flush = self._flush
         drain = self._io.drain
         send_from = self._io.send_from
@@ -224,6 +216,13 @@ class BrokerServer:
                 else:
                     settle(failed)
 
+        def on_authenticated(identity: bytes, frames: list[Any], user_id: str | None) -> None:
+            # Under CURVE: the sender's key (its ZAP User-Id) must still be allowed, in the
+            # role its message claims (spec/security.md), before the core sees the message.
+            assert auth is not None
+            if auth.admit([identity, *frames], user_id):
+                on_message(identity, frames)
+
         now = clock()
         try:
             while not self._stopping:
@@ -242,12 +241,14 @@ class BrokerServer:
                 # ends on a receive that found nothing, after the last send: the check libzmq
                 # wants before the next sleep.
                 if auth is None:
-                    drained = drain(BATCH, limit, on_message, oversized)
+                    drained = drain(BATCH, limit, on_message, oversized, False)
                 else:
                     if auth.lists.generation != generation:
                         generation = auth.lists.generation
                         self._expel_revoked(auth)
-                    drained = self._drain_authenticated(sock, items, auth, now)
+                    drained = drain(BATCH, limit, on_authenticated, oversized, True)
+                    if auth.audit_pending:
+                        auth.flush_audit()
                 if drained == BATCH:
                     continue  # more may be waiting: no sleep, but timers first
                 due = min(next_tick, probes[0]) if probes else next_tick
@@ -276,44 +277,6 @@ class BrokerServer:
             if auth is not None:
                 counters["refused_by_role_check"] = auth.refused
             log.info("broker stopped; counters: %s", counters)
-
-    def _drain_authenticated(
-        self,
-        sock: zmq.Socket[bytes],
-        items: list[tuple[Any, int]],
-        auth: BrokerAuth,
-        now: float,
-    ) -> int:
-        """The drain loop under CURVE: each message's ZAP User-Id (the sender's public key)
-        is read from its first frame and checked against the current allow-lists. Ends on a
-        check that found nothing waiting (see `serve`), unless BATCH messages were read;
-        returns how many were."""
-        handle = self.core.handle
-        outbox = self.core.outbox
-        admit = auth.admit
-        drained = 0
-        while drained < BATCH and zmq_poll(items, 0):
-            drained += 1
-            first = _recv(sock, _NOBLOCK, False)  # a zmq.Frame: it carries the metadata
-            frames = [first.bytes]
-            biggest = 0
-            while _get(sock, _RCVMORE):
-                frames.append(_recv(sock, _NOBLOCK))
-                biggest = max(biggest, len(frames[-1]))
-            if biggest > self.max_msg_size:
-                self._oversized(frames[0], biggest)
-                continue
-            try:
-                user_id = first.get("User-Id")
-            except zmq.ZMQError:  # no such property: not a connection ZAP approved
-                user_id = None
-            if admit(frames, user_id):
-                handle(frames[0], frames[1:], now)
-                if outbox:
-                    self._flush(sock)
-        if auth.audit_pending:
-            auth.flush_audit()
-        return drained
 
     def _expel_revoked(self, auth: BrokerAuth) -> None:
         """The allow-lists changed: disconnect and forget workers whose key was revoked."""

@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from mdp import fastzmq
 from mdp.errors import SecurityError
 from mdp.security import curve_client_options, generate_key_pair, load_public_key
 from mdp.security.allowlists import RESCAN_INTERVAL, AllowLists
@@ -115,8 +116,13 @@ class Broker:
         self._log.close()
 
 
-@pytest.fixture
-def broker(keys: Keys, tmp_path: Path) -> Iterator[Broker]:
+@pytest.fixture(params=["compiled", "pure-python"])
+def broker(keys: Keys, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Broker]:
+    """A CURVE broker, on each socket-I/O path (mdp.fastzmq): the ZAP User-Id that the role
+    check needs is read by the compiled module, or by pyzmq without it."""
+    compiled = request.param == "compiled"
+    if compiled and not fastzmq.compiled()[0]:
+        pytest.skip(f"the compiled module is not in use: {fastzmq.compiled()[1]}")
     b = Broker(
         [
             "--curve-secret-key", str(keys.secret("broker")),
@@ -124,7 +130,9 @@ def broker(keys: Keys, tmp_path: Path) -> Iterator[Broker]:
             "--allow-workers", str(keys.workers),
         ],
         tmp_path / "broker.log",
+        env={} if compiled else {"MDP_PURE_PYTHON": "1"},
     )  # fmt: skip
+    assert ("socket I/O compiled" in b.log()) is compiled, b.log()
     try:
         yield b
     finally:

@@ -65,6 +65,7 @@ def drain_once(
         limit,
         lambda first, rest: got.append((first, rest)),
         lambda first, size: oversized.append((first, size)),
+        False,
     )
     return count, got, oversized
 
@@ -139,7 +140,7 @@ def test_each_message_is_handled_before_the_next_is_received(pair, path):
     while len(seen) < 3:
         assert time.monotonic() < deadline
         try:
-            io.drain(100, 1 << 20, echo, lambda first, size: None)
+            io.drain(100, 1 << 20, echo, lambda first, size: None, False)
         except KeyError:
             raised += 1
             assert seen[-1] == b"1"  # the drain stopped at the message that raised
@@ -148,6 +149,24 @@ def test_each_message_is_handled_before_the_next_is_received(pair, path):
     for i in range(3):
         assert dealer.poll(5000)
         assert dealer.recv_multipart() == [b"re", b"%d" % i]
+
+
+def test_with_user_id_each_message_comes_with_its_connections_zap_user_id(pair, path):
+    """Without ZAP there is no User-Id: None (the broker's role check then refuses it)."""
+    router, dealer = pair
+    dealer.send_multipart([b"a", b"b"])
+    got: list[tuple[bytes, list[Any], str | None]] = []
+    deadline = time.monotonic() + 5
+    while not got:
+        assert time.monotonic() < deadline
+        io_for(router, path).drain(
+            10,
+            1 << 20,
+            lambda first, rest, user_id: got.append((first, rest, user_id)),
+            lambda first, size: None,
+            True,
+        )
+    assert got == [(b"peer", [b"a", b"b"], None)]
 
 
 def test_a_large_frame_is_passed_on_without_change(pair, path):
