@@ -198,17 +198,14 @@ class Capacity:
     register again. `slots` is the semaphore handlers take before they start anything, for
     the requests that were already on their way when the connections paused."""
 
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("the limit must be at least 1")
         self.limit = limit
         self.held = 0
         self.slots = asyncio.Semaphore(limit)
         self.workers: list[Worker] = []
-        self._clock = clock
-        """The clock of the `now` that take/release are given (the workers')."""
         self._resume: asyncio.TimerHandle | None = None
-        self._freed_at = -math.inf  # when a slot last became free
 
     def take(self, now: float) -> None:
         self.held += 1
@@ -219,26 +216,17 @@ class Capacity:
                     worker._poke()
 
     def release(self, now: float) -> None:
-        if self.held == self.limit:
-            self._freed_at = now
         self.held -= 1
         if self.held < self.limit and self._resume is None:
             # The connection that was released is registered again by its FINAL (RFC 7: a
             # reply means ready) and usually takes the next queued request at once; resuming
-            # the others only once the room has stayed there for RESUME_DELAY keeps a
-            # saturated worker from closing and reopening every paused socket on each command.
-            self._resume_in(RESUME_DELAY)
-
-    def _resume_in(self, delay: float) -> None:
-        self._resume = asyncio.get_running_loop().call_later(delay, self._resume_all)
+            # the others only if the room is still there a moment later keeps a saturated
+            # worker from closing and reopening every paused socket on each command.
+            self._resume = asyncio.get_running_loop().call_later(RESUME_DELAY, self._resume_all)
 
     def _resume_all(self) -> None:
         self._resume = None
         if self.held >= self.limit:
-            return  # full again: the release that frees a slot starts the wait anew
-        wait = self._freed_at + RESUME_DELAY - self._clock()
-        if wait > 0:  # it was full again meanwhile: the room is not RESUME_DELAY old yet
-            self._resume_in(wait)
             return
         for worker in self.workers:
             if worker.core.state is State.PAUSED:
