@@ -28,7 +28,10 @@ Requests a worker took are not resent when that worker dies: MDP workers may not
 "At most once"). A request whose REQUEST could not even be handed to the worker's connection
 was never delivered, so it goes to the next worker: the driver reports such sends with
 `unroutable()`. `probe()` sends every worker a HEARTBEAT so that the driver learns at once which
-connections are gone (it calls it when libzmq reports a closed connection).
+connections are gone (it calls it when libzmq reports a closed connection). A worker found gone
+that way is forgotten only at the driver's next `confirm_gone()`, which it calls once it has
+read every message waiting: libzmq refuses sends to a connection that is closing while the
+last messages it brought (a FINAL sent just before the worker closed) may still be queued.
 """
 
 from __future__ import annotations
@@ -185,6 +188,8 @@ class BrokerCore:
         self._tick_period = self.config.heartbeat_interval / 4
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._now = 0.0  # the time of the event being handled, for helpers that deliver
+        self._closing: dict[bytes, Worker] = {}
+        """Workers found unroutable, forgotten at the next `confirm_gone()`."""
 
     # ---------------------------------------------------------------------------------------
     # Input
@@ -499,18 +504,39 @@ class BrokerCore:
 
     def unroutable(self, identity: bytes, message: list[bytes], now: float) -> None:
         """The driver could not send `message` (from the outbox) to `identity`: that peer's
-        connection is gone (ROUTER_MANDATORY says EHOSTUNREACH). A worker is forgotten at once;
-        if the message was the REQUEST it was being given, the request goes to another worker
-        (spec/mdp.md §3.4: it was never delivered). More messages may be added to `outbox`."""
+        connection is gone or closing (ROUTER_MANDATORY says EHOSTUNREACH).
+
+        If the message was the REQUEST a worker was being given, the request goes to another
+        worker (spec/mdp.md §3.4: it was never delivered) and the worker is forgotten at once:
+        it cannot have answered a request it never got. Any other worker is forgotten at the
+        next `confirm_gone()`, after the driver has read what it sent before its connection
+        closed (spec/mdp.md §4.2). More messages may be added to `outbox`."""
         self.stats.unroutable += 1
         worker = self.workers.get(identity)
         if worker is None:
             return  # a client that went away, or a worker already forgotten
+        if worker.request is not None and message is worker.delivery:
+            self._gone(worker, now, requeue=True)
+        else:
+            self._closing[identity] = worker
+
+    def confirm_gone(self, now: float) -> None:
+        """The driver has read every message that was waiting: forget the workers `unroutable`
+        found gone since the last call (unless they left meanwhile, or their identity now
+        belongs to a new registration). A request such a worker still holds is lost (§3.4)."""
+        closing = self._closing
+        if not closing:
+            return
+        for identity, worker in closing.items():
+            if self.workers.get(identity) is worker:
+                self._gone(worker, now, requeue=False)
+        closing.clear()
+
+    def _gone(self, worker: Worker, now: float, *, requeue: bool) -> None:
         self.stats.workers_gone += 1
-        requeue = worker.request is not None and message is worker.delivery
         log.info(
             "worker %s (%s) is gone (its connection closed)%s",
-            identity.hex(),
+            worker.identity.hex(),
             _text(worker.service.name),
             "; its undelivered request goes to another worker" if requeue else "",
         )

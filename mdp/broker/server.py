@@ -251,6 +251,11 @@ class BrokerServer:
                         auth.flush_audit()
                 if drained == BATCH:
                     continue  # more may be waiting: no sleep, but timers first
+                # Everything waiting was read: only now may a worker found unroutable be
+                # forgotten (what it sent before closing, a FINAL, has been handled).
+                core.confirm_gone(now)
+                if outbox:
+                    flush(sock)
                 due = min(next_tick, probes[0]) if probes else next_tick
                 timeout = max(0, math.ceil((due - clock()) * 1000))
                 for fd, _ in poller.poll(timeout):

@@ -513,9 +513,43 @@ def test_a_failed_heartbeat_forgets_a_busy_worker_and_its_request_is_lost() -> N
     assert all(p[1:] == [W02, b"\x05"] for p in probes)
     busy = next(p for p in probes if p[0] == b"W1")
     b.unroutable(b"W1", busy, 0.5)
+    b.confirm_gone(0.5)  # nothing more came from W1
     assert sent(b) == []
     assert set(b.workers) == {b"W2"}
     assert b.stats.requests_lost_with_worker == 1
+
+
+def test_a_final_read_after_a_failed_heartbeat_still_reaches_its_client() -> None:
+    """A worker that sends its FINAL and closes at once: libzmq may refuse the probe to it
+    (its connection is closing) while the FINAL is still queued. Until the driver has read
+    everything (`confirm_gone`), the worker is known, so the FINAL is delivered."""
+    b = core()
+    ready02(b, b"W1")
+    request02(b, b"C", b"echo", b"x")
+    sent(b)
+    b.probe(0.5)
+    (heartbeat,) = sent(b)
+    b.unroutable(b"W1", heartbeat, 0.5)
+    assert set(b.workers) == {b"W1"}  # not yet: its last messages may be waiting
+    b.handle(b"W1", [W02, b"\x04", b"C", b"", b"done"], 0.5)
+    b.handle(b"W1", [W02, b"\x06"], 0.5)  # its DISCONNECT
+    assert sent(b) == [[b"C", C02, b"\x03", b"echo", b"done"]]
+    b.confirm_gone(0.5)
+    assert b.workers == {}
+    assert b.stats.requests_lost_with_worker == 0
+    assert b.stats.workers_gone == 0  # it said DISCONNECT itself
+
+
+def test_confirm_gone_leaves_a_new_registration_under_the_same_identity_alone() -> None:
+    b = core()
+    ready02(b, b"W1")
+    b.probe(0.5)
+    (heartbeat,) = sent(b)
+    b.unroutable(b"W1", heartbeat, 0.5)
+    b.handle(b"W1", [W02, b"\x06"], 0.5)  # the old connection's DISCONNECT
+    ready02(b, b"W1", now=0.6)  # a new connection under the same routing id
+    b.confirm_gone(0.6)
+    assert set(b.workers) == {b"W1"}
 
 
 def test_a_gone_idle_worker_is_never_given_a_request() -> None:
@@ -524,6 +558,7 @@ def test_a_gone_idle_worker_is_never_given_a_request() -> None:
     ready02(b, b"W2")
     b.probe(0.1)
     b.unroutable(b"W1", sent(b)[0], 0.1)
+    b.confirm_gone(0.1)
     request02(b, b"C", b"echo", b"x")
     assert sent(b) == [[b"W2", W02, b"\x02", b"C", b"", b"x"]]
 
