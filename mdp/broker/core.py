@@ -523,7 +523,8 @@ class BrokerCore:
     def confirm_gone(self, now: float) -> None:
         """The driver has read every message that was waiting: forget the workers `unroutable`
         found gone since the last call (unless they left meanwhile, or their identity now
-        belongs to a new registration). A request such a worker still holds is lost (§3.4)."""
+        belongs to a new registration). A request such a worker still holds is lost (§3.4).
+        Adds nothing to `outbox`."""
         closing = self._closing
         if not closing:
             return

@@ -192,13 +192,14 @@ class BrokerServer:
         # never signal (the inproc connection's commands arrived before anyone looked).
         self._drain_monitor(monitor, clock())
         self.ready.set()
+        compiled, why_not = fastzmq.compiled()
         log.info(
             "broker serving on %s (heartbeat %d ms x %d, request TTL %g s, socket I/O %s, %s)",
             ", ".join(self.bound),
             round(core.config.heartbeat_interval * 1000),
             core.config.liveness,
             core.config.request_ttl,
-            "compiled" if fastzmq.compiled()[0] else f"in Python: {fastzmq.compiled()[1]}",
+            "compiled" if compiled else f"in Python: {why_not}",
             "CURVE"
             if auth is not None
             else "UNAUTHENTICATED, --insecure"
@@ -230,13 +231,13 @@ class BrokerServer:
                 if probes and now >= probes[0]:
                     del probes[0]
                     core.probe(now)
-                    flush(sock)
+                    flush()
                 if now >= next_tick:
                     next_tick = core.tick(now)
                     if auth is not None:
                         auth.prune(core.workers)
                     if outbox:
-                        flush(sock)
+                        flush()
                 # Drain in batches, each reply sent as soon as the core produced it. The drain
                 # ends on a receive that found nothing, after the last send: the check libzmq
                 # wants before the next sleep.
@@ -253,9 +254,7 @@ class BrokerServer:
                     continue  # more may be waiting: no sleep, but timers first
                 # Everything waiting was read: only now may a worker found unroutable be
                 # forgotten (what it sent before closing, a FINAL, has been handled).
-                core.confirm_gone(now)
-                if outbox:
-                    flush(sock)
+                core.confirm_gone(now)  # it only forgets: nothing to send
                 due = min(next_tick, probes[0]) if probes else next_tick
                 timeout = max(0, math.ceil((due - clock()) * 1000))
                 for fd, _ in poller.poll(timeout):
@@ -264,7 +263,7 @@ class BrokerServer:
                     elif fd == monitor_fd:
                         self._drain_monitor(monitor, clock())
             core.disconnect_all()
-            self._flush(sock)
+            self._flush()
         finally:
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
@@ -320,7 +319,7 @@ class BrokerServer:
                     merged.append(when)
             self._probes[:] = merged
 
-    def _flush(self, sock: zmq.Socket[bytes]) -> None:
+    def _flush(self) -> None:
         """Send the core's outbox and clear it."""
         self._settle(self._io.send_from(self.core.outbox, 0))
 
